@@ -1,0 +1,43 @@
+# celery-sqs-heartbeat: `make` lists the targets. Every target creates the virtual
+# environment and installs what it needs, so a fresh clone needs nothing else.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Reinstalled whenever pyproject.toml changes.
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test unit integration lint typecheck demo clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)  ## Create .venv and install the package with its test tools
+
+test: lint typecheck  ## The whole suite: lint, mypy --strict, unit and integration tests
+	$(BIN)/python -m pytest
+
+unit: $(STAMP)  ## Unit tests only (no worker processes)
+	$(BIN)/python -m pytest -m "not integration"
+
+integration: $(STAMP)  ## Real celery workers against moto's SQS server on loopback
+	$(BIN)/python -m pytest -m integration
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check celery_sqs_heartbeat tests examples
+
+typecheck: $(STAMP)  ## mypy --strict on the package
+	$(BIN)/mypy
+
+demo: $(STAMP)  ## Two workers on an embedded SQS: a long task runs twice without the heartbeat, once with it
+	$(BIN)/python examples/demo.py
+
+clean:  ## Remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

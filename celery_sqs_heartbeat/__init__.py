@@ -1,0 +1,69 @@
+"""Keep long Celery tasks from running twice on Amazon SQS.
+
+While a task runs, a heartbeat extends the visibility of the task's own SQS message by
+a short window (``sqs_heartbeat_visibility_timeout``) every ``sqs_heartbeat_interval``
+seconds, and stops when the task ends. Long tasks are never delivered twice, and the
+message of a crashed worker is visible again within one short window instead of the
+queue's long timeout. Task code never touches SQS.
+
+Switch it on with one Celery setting::
+
+    app.conf.sqs_heartbeat_enabled = True
+    app.conf.task_acks_late = True          # the message must exist while the task runs
+
+Workers started with the ``celery`` command load the package by themselves (it is a
+``celery`` command plugin). Workers started from Python call :func:`install` first.
+Every setting can be overridden per task, under the same name, with
+``@app.task(sqs_heartbeat_interval=10)`` or ``task_annotations``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._settings import SETTINGS, ConfigurationError, HeartbeatOptions, Setting
+
+__all__ = [
+    "SETTINGS",
+    "ConfigurationError",
+    "HeartbeatOptions",
+    "Setting",
+    "__version__",
+    "install",
+    "options_for",
+    "uninstall",
+]
+
+__version__ = "0.1.0"
+
+
+def install(app: Any) -> None:
+    """Heartbeat the tasks of *app* in workers started from Python.
+
+    Needed only for ``app.Worker(...)``, ``app.worker_main(...)`` or
+    ``celery.contrib.testing``; the ``celery`` command installs the heartbeat for every
+    app by itself. Call it before the worker starts. Calling it again does nothing.
+    """
+    from . import _worker
+
+    _worker.connect(app)
+
+
+def uninstall() -> None:
+    """Disconnect the heartbeat from Celery and stop this process's sidecar thread.
+
+    For test suites that install and remove it around a test; harmless when not installed.
+    """
+    from . import _worker
+
+    _worker.disconnect()
+
+
+def options_for(task: Any) -> HeartbeatOptions:
+    """The effective heartbeat options of *task*: its task options over the app's settings.
+
+    Raises :class:`ConfigurationError` naming the setting or task option that is invalid.
+    """
+    from ._settings import resolve
+
+    return resolve(task.app.conf, task)

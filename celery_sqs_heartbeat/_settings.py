@@ -1,0 +1,199 @@
+"""The heartbeat's settings: defined, resolved for a task and validated here, once.
+
+Every setting is a Celery setting (``app.conf``) and, under the same name, a task
+option (``@app.task(sqs_heartbeat_interval=10)`` or ``task_annotations``): Celery
+turns both into attributes of the task class, so a task attribute overrides the
+configuration. :data:`SETTINGS` is the one definition; the reference table in
+``docs/configuration.md`` is checked against it by a test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from celery.exceptions import ImproperlyConfigured
+
+#: SQS's ceiling for a message's visibility timeout, and for the total time a
+#: received message can be kept hidden, counted from its receipt.
+MAX_VISIBILITY_SECONDS = 43200
+
+
+class ConfigurationError(ImproperlyConfigured):  # type: ignore[misc]
+    """A heartbeat setting or task option has a value the heartbeat cannot use.
+
+    Raised at worker start, before any task runs, so that a typo stops the worker
+    instead of silently letting long tasks run twice.
+    """
+
+    def __init__(self, setting: str, value: object, reason: str, task: str | None = None):
+        self.setting = setting
+        self.value = value
+        self.reason = reason
+        self.task = task
+        where = (
+            f"task option {setting}={value!r} of task {task!r}"
+            if task
+            else (f"setting {setting}={value!r}")
+        )
+        super().__init__(f"celery-sqs-heartbeat: invalid {where}: {reason}")
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a number of seconds (int, float or timedelta)")
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number of seconds")
+    return float(value)
+
+
+def _parse_enabled(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be True or False")
+    return value
+
+
+def _parse_interval(value: object) -> float:
+    seconds = _seconds(value)
+    if seconds <= 0:
+        raise ValueError("must be > 0 seconds")
+    return seconds
+
+
+def _parse_visibility_timeout(value: object) -> int:
+    seconds = _seconds(value)
+    if seconds != int(seconds):
+        raise ValueError("must be a whole number of seconds (SQS takes integers)")
+    if not 0 < seconds <= MAX_VISIBILITY_SECONDS:
+        raise ValueError(f"must be between 1 and {MAX_VISIBILITY_SECONDS} seconds (SQS's limit)")
+    return int(seconds)
+
+
+def _parse_max_duration(value: object) -> float | None:
+    if value is None:
+        return None
+    seconds = _seconds(value)
+    if seconds <= 0:
+        raise ValueError("must be > 0 seconds, or None for SQS's 12-hour limit")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One heartbeat setting: its name, default, type and meaning, in one place."""
+
+    name: str
+    default: object
+    type: str
+    meaning: str
+    parse: Callable[[object], object]
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "sqs_heartbeat_enabled",
+        False,
+        "bool",
+        "Heartbeat tasks: extend the visibility of the running task's own SQS message.",
+        _parse_enabled,
+    ),
+    Setting(
+        "sqs_heartbeat_interval",
+        30,
+        "seconds (int, float or timedelta)",
+        "Time between beats. The first beat comes one interval after the task starts,"
+        " so a shorter task makes no SQS call.",
+        _parse_interval,
+    ),
+    Setting(
+        "sqs_heartbeat_visibility_timeout",
+        120,
+        "whole seconds (int or timedelta)",
+        "Visibility each beat sets, counted from the beat. Also how soon the message of"
+        " a crashed worker is visible again. Must be greater than the interval.",
+        _parse_visibility_timeout,
+    ),
+    Setting(
+        "sqs_heartbeat_max_duration",
+        None,
+        "seconds or None",
+        "Stop beating one task after this long, so a stuck task's message is redelivered."
+        " None: beat until SQS's 12-hour limit.",
+        _parse_max_duration,
+    ),
+)
+
+_BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatOptions:
+    """The effective heartbeat settings of one task, validated."""
+
+    enabled: bool
+    interval: float
+    visibility_timeout: int
+    max_duration: float | None
+
+
+#: Sentinel: the task class sets no such option (neither ``@app.task`` nor
+#: ``task_annotations`` gave it one), so the Celery setting applies.
+_MISSING = object()
+
+
+def raw_value(conf: Any, task: Any | None, name: str) -> tuple[object, bool]:
+    """The value of setting *name* for *task*, and whether it came from the task."""
+    if task is not None:
+        value = getattr(task, name, _MISSING)
+        if value is not _MISSING:
+            return value, True
+    return conf.get(name, _BY_NAME[name].default), False
+
+
+def resolve(conf: Any, task: Any | None = None) -> HeartbeatOptions:
+    """Read and validate the effective options for *task* (or the global ones).
+
+    Raises :class:`ConfigurationError` naming the first bad setting or task option.
+    """
+    task_name = getattr(task, "name", None) if task is not None else None
+    parsed: dict[str, Any] = {}
+    raw: dict[str, object] = {}
+    origin: dict[str, bool] = {}
+    for setting in SETTINGS:
+        value, from_task = raw_value(conf, task, setting.name)
+        raw[setting.name] = value
+        try:
+            parsed[setting.name] = setting.parse(value)
+        except ValueError as exc:
+            raise ConfigurationError(
+                setting.name, value, str(exc), task_name if from_task else None
+            ) from None
+        origin[setting.name] = from_task
+    interval = parsed["sqs_heartbeat_interval"]
+    visibility = parsed["sqs_heartbeat_visibility_timeout"]
+    if interval >= visibility:
+        # Blame whichever of the two the task overrides, else the global one.
+        name = (
+            "sqs_heartbeat_interval"
+            if origin["sqs_heartbeat_interval"] or not origin["sqs_heartbeat_visibility_timeout"]
+            else "sqs_heartbeat_visibility_timeout"
+        )
+        raise ConfigurationError(
+            name,
+            raw[name],
+            f"sqs_heartbeat_interval ({interval:g} s) must be shorter than "
+            f"sqs_heartbeat_visibility_timeout ({visibility} s), or the message's "
+            "visibility runs out between two beats",
+            task_name if origin[name] else None,
+        )
+    return HeartbeatOptions(
+        enabled=parsed["sqs_heartbeat_enabled"],
+        interval=interval,
+        visibility_timeout=visibility,
+        max_duration=parsed["sqs_heartbeat_max_duration"],
+    )

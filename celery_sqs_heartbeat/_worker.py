@@ -1,0 +1,306 @@
+"""Celery's side: the signal handlers that start and stop heartbeats, and the worker checks.
+
+* ``task_prerun`` starts a heartbeat for the running task's own SQS message and
+  ``task_postrun`` (fired from a ``finally``) stops it, so every way a task ends in its
+  process stops the beat. Both are a dict lookup and a lock: no I/O.
+* ``worker_init`` validates every heartbeat setting and task option and stops the worker
+  on a bad one (``SystemExit``: Celery swallows any ``Exception`` a handler raises).
+* ``worker_ready`` logs, once, what would make the heartbeat useless (no ``acks_late``,
+  prefetching, a broker that is not SQS).
+* The sidecar thread and its SQS client are made in the process that runs the tasks,
+  before its first task where Celery tells us (``worker_process_init`` in a prefork child,
+  ``worker_init`` for the other pools), and forgotten in a forked child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+from celery import signals
+
+from ._client import BrokerInfo, Clients, call_timeout
+from ._settings import ConfigurationError, HeartbeatOptions, resolve
+from ._sidecar import Sidecar
+
+logger = logging.getLogger("celery_sqs_heartbeat")
+
+#: Attribute of the task's request context that remembers the receipt handle between
+#: prerun and postrun. kombu may mutate the message's properties in between (requeue).
+REQUEST_ATTRIBUTE = "_sqs_heartbeat_receipt_handle"
+#: Options used for a task whose options could not be read: no heartbeat.
+DISABLED = HeartbeatOptions(enabled=False, interval=30, visibility_timeout=120, max_duration=None)
+#: How long worker shutdown waits for the sidecar thread to finish a call.
+SHUTDOWN_JOIN_TIMEOUT = 2.0
+
+_lock = threading.Lock()
+_sidecar: Sidecar | None = None
+#: Effective options by task name, resolved once per process (inherited by forks).
+_options: dict[str, HeartbeatOptions] = {}
+#: Apps the handlers serve; None: every app (the ``celery`` command's plugin).
+_apps: weakref.WeakSet[Any] | None = weakref.WeakSet()
+_noted: set[str] = set()
+
+
+# -- per-process state ---------------------------------------------------------------
+
+
+def _forget_in_child() -> None:
+    """A forked child has no sidecar thread: it must make its own, with its own client."""
+    global _sidecar, _lock
+    _sidecar = None
+    _lock = threading.Lock()
+    _noted.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def _note_once(key: str, level: int, message: str, *args: object, exc_info: bool = False) -> None:
+    if key not in _noted:
+        _noted.add(key)
+        logger.log(level, message, *args, exc_info=exc_info)
+
+
+def current_sidecar() -> Sidecar | None:
+    """This process's sidecar, if it has one (for tests and diagnostics)."""
+    return _sidecar
+
+
+def ensure_sidecar(app: Any, *, warm: bool = True) -> Sidecar | None:
+    """This process's running sidecar, made on first use; None when the broker is not SQS."""
+    global _sidecar
+    sidecar = _sidecar
+    if sidecar is not None:
+        return sidecar
+    with _lock:
+        if _sidecar is not None:
+            return _sidecar
+        broker = BrokerInfo.from_app(app)
+        if broker is None:
+            return None
+        smallest = (
+            min((o.interval for o in _options.values() if o.enabled), default=None)
+            or resolve(app.conf).interval
+        )
+        clients = Clients(broker, timeout=call_timeout(smallest))
+        if warm:
+            # Made now, before any task runs: building a client is ~100 ms of Python
+            # that a CPU-bound task would slow down many times over.
+            clients.for_queue("")
+        sidecar = Sidecar(
+            clients.for_queue, call_timeout=clients.timeout, region=lambda: clients.region
+        )
+        sidecar.run_in_background()
+        _sidecar = sidecar
+        return sidecar
+
+
+def shutdown_sidecar() -> None:
+    global _sidecar
+    with _lock:
+        sidecar, _sidecar = _sidecar, None
+    if sidecar is not None:
+        sidecar.shutdown(SHUTDOWN_JOIN_TIMEOUT)
+
+
+# -- options ---------------------------------------------------------------------------
+
+
+def options_for(task: Any) -> HeartbeatOptions:
+    """The effective heartbeat options of *task*, resolved once per process.
+
+    Raises :class:`ConfigurationError` for a bad setting or task option.
+    """
+    options = _options.get(task.name)
+    if options is None:
+        options = _options[task.name] = resolve(task.app.conf, task)
+    return options
+
+
+def check_app(app: Any) -> dict[str, HeartbeatOptions]:
+    """Resolve and validate the global settings and every registered task's options."""
+    resolve(app.conf)
+    found = {name: resolve(app.conf, task) for name, task in sorted(app.tasks.items())}
+    _options.update(found)
+    return found
+
+
+def _enabled_tasks(found: dict[str, HeartbeatOptions]) -> list[str]:
+    return [name for name, o in found.items() if o.enabled and not name.startswith("celery.")]
+
+
+def _serves(app: Any) -> bool:
+    return _apps is None or app in _apps
+
+
+# -- signal handlers -----------------------------------------------------------------
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    app = sender.app
+    if not _serves(app):
+        return
+    try:
+        found = check_app(app)
+    except ConfigurationError as exc:
+        # Celery logs and swallows an Exception raised by a handler; SystemExit is not
+        # one, so this stops the worker with status 1 and the message on stderr
+        # (logging is not set up yet at worker_init).
+        raise SystemExit(str(exc)) from None
+    if _enabled_tasks(found) and not _is_prefork(sender.pool_cls):
+        # The tasks run in this process: make the sidecar before the first one.
+        ensure_sidecar(app)
+
+
+def _on_worker_process_init(**_: Any) -> None:
+    from celery import current_app
+
+    app = current_app._get_current_object()
+    if _serves(app) and any(o.enabled for o in _options.values()):
+        ensure_sidecar(app)
+
+
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    app = sender.app
+    if not _serves(app):
+        return
+    try:
+        found = check_app(app)
+    except ConfigurationError:  # already reported by worker_init
+        return
+    for line in startup_warnings(app, found):
+        logger.warning("%s", line)
+    if _enabled_tasks(found) and BrokerInfo.from_app(app) is None:
+        logger.info(
+            "celery-sqs-heartbeat: the broker is not SQS, so no heartbeat is sent; "
+            "tasks run as usual."
+        )
+
+
+def startup_warnings(app: Any, found: dict[str, HeartbeatOptions]) -> Iterable[str]:
+    """What in the configuration leaves heartbeat-enabled tasks unprotected."""
+    enabled = _enabled_tasks(found)
+    if not enabled:
+        return
+    early = [n for n in enabled if not app.tasks[n].acks_late]
+    if early:
+        yield (
+            "celery-sqs-heartbeat: these heartbeat-enabled tasks do not use acks_late, so "
+            "their message is deleted before they run and nothing can be extended: "
+            + ", ".join(early)
+            + ". Set task_acks_late = True or acks_late=True on the task."
+        )
+    multiplier = app.conf.worker_prefetch_multiplier
+    if multiplier > 1 and not app.conf.get("worker_disable_prefetch"):
+        yield (
+            f"celery-sqs-heartbeat: worker_prefetch_multiplier={multiplier}: messages "
+            "waiting in the worker's buffer are not heartbeated and may be delivered "
+            "twice if they wait longer than the queue's visibility timeout. Set "
+            "worker_prefetch_multiplier = 1 for long tasks."
+        )
+
+
+def _on_task_prerun(task: Any = None, task_id: str = "", **_: Any) -> None:
+    try:
+        options = _options.get(task.name) or options_for(task)
+        if not options.enabled or not _serves(task.app):
+            return
+        request = task.request
+        if request.is_eager:
+            return
+        try:
+            properties = request.properties
+            receipt_handle = properties["delivery_tag"]
+            queue_url = properties["delivery_info"]["sqs_queue"]
+        except (TypeError, KeyError):
+            _note_once(
+                "not-sqs",
+                logging.INFO,
+                "celery-sqs-heartbeat: task %s has no SQS message (not an SQS broker); "
+                "it runs without a heartbeat.",
+                task.name,
+            )
+            return
+        if not task.acks_late:
+            return  # its message is already deleted; warned at worker start
+        sidecar = _sidecar or ensure_sidecar(task.app)
+        if sidecar is not None and sidecar.start(
+            receipt_handle, queue_url, options, task_name=task.name, task_id=task_id
+        ):
+            request.__dict__[REQUEST_ATTRIBUTE] = receipt_handle
+    except ConfigurationError as exc:
+        _options[task.name] = DISABLED
+        logger.error("%s; task %s runs without a heartbeat.", exc, task.name)
+    except Exception:
+        _note_once(
+            "prerun-error",
+            logging.ERROR,
+            "celery-sqs-heartbeat: could not start a heartbeat; tasks run without one.",
+            exc_info=True,
+        )
+
+
+def _on_task_postrun(task: Any = None, **_: Any) -> None:
+    try:
+        receipt_handle = task.request.__dict__.pop(REQUEST_ATTRIBUTE, None)
+        if receipt_handle is not None and _sidecar is not None:
+            _sidecar.stop(receipt_handle)
+    except Exception:
+        _note_once(
+            "postrun-error",
+            logging.ERROR,
+            "celery-sqs-heartbeat: could not stop a heartbeat.",
+            exc_info=True,
+        )
+
+
+def _on_shutdown(**_: Any) -> None:
+    shutdown_sidecar()
+
+
+def _is_prefork(pool_cls: Any) -> bool:
+    from celery.concurrency import get_implementation
+    from celery.concurrency.prefork import TaskPool
+
+    try:
+        cls = get_implementation(pool_cls) if isinstance(pool_cls, str) else pool_cls
+        return isinstance(cls, type) and issubclass(cls, TaskPool)
+    except Exception:
+        return False
+
+
+_HANDLERS = (
+    (signals.worker_init, _on_worker_init),
+    (signals.worker_process_init, _on_worker_process_init),
+    (signals.worker_ready, _on_worker_ready),
+    (signals.task_prerun, _on_task_prerun),
+    (signals.task_postrun, _on_task_postrun),
+    (signals.worker_process_shutdown, _on_shutdown),
+    (signals.worker_shutdown, _on_shutdown),
+)
+
+
+def connect(app: Any | None) -> None:
+    """Serve *app* (None: every app); connecting twice is harmless."""
+    global _apps
+    if app is None:
+        _apps = None
+    elif _apps is not None:
+        _apps.add(app)
+    for signal, handler in _HANDLERS:
+        signal.connect(handler, weak=False, dispatch_uid=f"celery_sqs_heartbeat.{handler.__name__}")
+
+
+def disconnect() -> None:
+    """Stop serving every app and stop this process's sidecar."""
+    global _apps
+    for signal, handler in _HANDLERS:
+        signal.disconnect(handler, dispatch_uid=f"celery_sqs_heartbeat.{handler.__name__}")
+    _apps = weakref.WeakSet()
+    _options.clear()
+    shutdown_sidecar()

@@ -1,0 +1,242 @@
+"""Fixtures: one loopback SQS server per test session, and a scenario per test.
+
+A :class:`Scenario` owns a fresh queue, the Celery settings its workers get, the file
+their tasks record their runs in, and the workers it started (stopped at teardown).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from celery_sqs_heartbeat.testing import (
+    FAKE_AWS_ENV,
+    RecordedRequest,
+    SQSServer,
+    WorkerProcess,
+    wait_for,
+)
+
+TESTS = Path(__file__).resolve().parent
+#: kombu's long-poll wait in the tests' workers (``wait_time_seconds``); also the
+#: visibility kombu sets when it requeues a message.
+KOMBU_WAIT_SECONDS = 1
+#: Time a worker may need to receive a message that became visible: its long poll and
+#: polling interval, and a loaded machine's scheduling.
+RECEIVE_SLACK = 2.5
+
+
+@pytest.fixture(scope="session")
+def sqs() -> Iterator[SQSServer]:
+    os.environ.update(FAKE_AWS_ENV)
+    with SQSServer() as server:
+        yield server
+
+
+@dataclass
+class Run:
+    """One recorded start or end of a task."""
+
+    event: str
+    task_id: str
+    worker: str
+    at: float
+    retries: int
+    receipt_handle: str | None
+
+
+@dataclass
+class Scenario:
+    sqs: SQSServer
+    tmp: Path
+    queue: str = field(default_factory=lambda: f"t-{uuid.uuid4().hex[:10]}")
+    workers: list[WorkerProcess] = field(default_factory=list)
+    _apps: dict[str, Celery] = field(default_factory=dict)
+
+    @property
+    def events_path(self) -> Path:
+        return self.tmp / "events.jsonl"
+
+    def config(
+        self,
+        *,
+        queue_timeout: int,
+        heartbeat: bool | None,
+        interval: float = 0.5,
+        visibility: int = 2,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """Celery settings for this scenario's workers and its sending app."""
+        conf: dict[str, Any] = {
+            "task_default_queue": self.queue,
+            "sqs_heartbeat_interval": interval,
+            "sqs_heartbeat_visibility_timeout": visibility,
+            "broker_transport_options": {
+                "visibility_timeout": queue_timeout,
+                "wait_time_seconds": KOMBU_WAIT_SECONDS,
+                "polling_interval": 0.1,
+            },
+        }
+        if heartbeat is not None:
+            conf["sqs_heartbeat_enabled"] = heartbeat
+        conf.update(extra)
+        return conf
+
+    def worker(
+        self,
+        conf: dict[str, Any],
+        *,
+        pool: str = "prefork",
+        concurrency: int = 1,
+        name: str | None = None,
+        start: bool = True,
+        broker_url: str | None = None,
+    ) -> WorkerProcess:
+        name = name or f"w{len(self.workers)}"
+        env = {
+            **self.sqs.worker_env(),
+            "SQSHB_BROKER_URL": broker_url or self.sqs.broker_url,
+            "SQSHB_CONFIG": json.dumps(conf),
+            "SQSHB_EVENTS": str(self.events_path),
+            "SQSHB_WORKER": name,
+            "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]),
+        }
+        worker = WorkerProcess(
+            "worker_app",
+            pool=pool,
+            concurrency=concurrency,
+            name=name,
+            env=env,
+            cwd=TESTS,
+            log_path=self.tmp / f"{name}.log",
+            loglevel="INFO",
+        )
+        self.workers.append(worker)
+        if start:
+            worker.start()
+        return worker
+
+    def start_workers(self, conf: dict[str, Any], n: int = 2, **kwargs: Any) -> list[WorkerProcess]:
+        started = [self.worker(conf, **kwargs) for _ in range(n)]
+        for w in started:
+            w.wait_ready(60)
+        return started
+
+    def send(self, conf: dict[str, Any], task: str, *args: Any, **options: Any) -> str:
+        key = json.dumps(conf, sort_keys=True)
+        app = self._apps.get(key)
+        if app is None:
+            app = self._apps[key] = Celery("sender", broker=self.sqs.broker_url)
+            app.conf.update(conf)
+        return str(app.send_task(f"worker_app.{task}", args=args, queue=self.queue, **options).id)
+
+    # -- what happened ---------------------------------------------------------------
+
+    def runs(self, task_id: str | None = None) -> list[Run]:
+        if not self.events_path.exists():
+            return []
+        found = []
+        for line in self.events_path.read_text().splitlines():
+            e = json.loads(line)
+            found.append(
+                Run(
+                    e["event"],
+                    e["task_id"],
+                    e["worker"],
+                    e["at"],
+                    e["retries"],
+                    e.get("receipt_handle"),
+                )
+            )
+        return [r for r in found if task_id is None or r.task_id == task_id]
+
+    def starts(self, task_id: str | None = None) -> list[Run]:
+        return [r for r in self.runs(task_id) if r.event == "start"]
+
+    def queue_url(self) -> str:
+        return str(self.sqs.client().get_queue_url(QueueName=self.queue)["QueueUrl"])
+
+    def queue_counts(self) -> tuple[int, int]:
+        """(visible, in flight) messages in the scenario's queue."""
+        attrs = self.sqs.client().get_queue_attributes(
+            QueueUrl=self.queue_url(),
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return (
+            int(attrs["ApproximateNumberOfMessages"]),
+            int(attrs["ApproximateNumberOfMessagesNotVisible"]),
+        )
+
+    def wait_settled(self, timeout: float) -> list[Run]:
+        """Wait until every started run ended and the queue holds no message at all.
+
+        From then on SQS cannot deliver the task again, so the runs recorded are final.
+        """
+
+        def settled() -> list[Run] | None:
+            runs = self.runs()
+            starts = sum(r.event == "start" for r in runs)
+            ends = sum(r.event == "end" for r in runs)
+            if starts and starts == ends and self.queue_counts() == (0, 0):
+                return runs
+            return None
+
+        return wait_for(settled, timeout=timeout, what="every task to end and the queue to empty")
+
+    def wait_starts(self, task_id: str, n: int, timeout: float) -> list[Run]:
+        return wait_for(
+            lambda: s if len(s := self.starts(task_id)) >= n else None,
+            timeout=timeout,
+            what=f"{n} start(s) of task {task_id}",
+        )
+
+    def beats(self) -> list[RecordedRequest]:
+        """Visibility changes the server answered for this scenario's queue."""
+        url_tail = f"/{self.queue}"
+        return [
+            r
+            for r in self.sqs.visibility_changes()
+            if str(r.params.get("QueueUrl", "")).endswith(url_tail)
+        ]
+
+    def requests(self, *actions: str) -> list[RecordedRequest]:
+        url_tail = f"/{self.queue}"
+        return [
+            r
+            for r in self.sqs.requests(*actions)
+            if str(r.params.get("QueueUrl", "")).endswith(url_tail)
+        ]
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {w.name}\n{w.log()}" for w in self.workers)
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.kill()
+
+
+@pytest.fixture
+def scenario(sqs: SQSServer, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Scenario]:
+    s = Scenario(sqs, tmp_path)
+    yield s
+    s.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(s.logs()[-20000:])
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.rep_call = report  # type: ignore[attr-defined]
+    return report

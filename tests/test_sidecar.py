@@ -1,0 +1,181 @@
+"""The sidecar thread against errors a server cannot produce (botocore's Stubber), and its
+stop guarantees (a client that blocks on demand)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+
+from celery_sqs_heartbeat._settings import HeartbeatOptions
+from celery_sqs_heartbeat._sidecar import THREAD_NAME, Sidecar
+from celery_sqs_heartbeat.testing import wait_for
+
+pytestmark = pytest.mark.timeout(30)
+
+QUEUE = "https://sqs.us-east-1.amazonaws.com/123456789012/jobs"
+FAST = HeartbeatOptions(enabled=True, interval=0.05, visibility_timeout=5, max_duration=None)
+
+
+@pytest.fixture
+def stubbed() -> Iterator[tuple[Any, Stubber]]:
+    client = boto3.client(
+        "sqs", region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s"
+    )
+    with Stubber(client) as stubber:
+        yield client, stubber
+
+
+@pytest.fixture
+def sidecars() -> Iterator[list[Sidecar]]:
+    made: list[Sidecar] = []
+    yield made
+    for s in made:
+        s.shutdown(5)
+
+
+def start(sidecars: list[Sidecar], client: Any, **kwargs: Any) -> Sidecar:
+    sidecar = Sidecar(lambda url: client, call_timeout=1.0, **kwargs)
+    sidecar.run_in_background()
+    sidecars.append(sidecar)
+    return sidecar
+
+
+def expect_beat(stubber: Stubber, rh: str = "rh-1", timeout: int = 5) -> None:
+    stubber.add_response(
+        "change_message_visibility",
+        {},
+        {"QueueUrl": QUEUE, "ReceiptHandle": rh, "VisibilityTimeout": timeout},
+    )
+
+
+def test_thread_is_named_daemon_and_stops(
+    stubbed: tuple[Any, Stubber], sidecars: list[Sidecar]
+) -> None:
+    client, _ = stubbed
+    sidecar = start(sidecars, client)
+    thread = next(t for t in threading.enumerate() if t.name == THREAD_NAME)
+    assert thread.daemon
+    sidecar.shutdown(5)
+    assert not thread.is_alive()
+
+
+def test_throttling_is_retried_and_logged_once(
+    stubbed: tuple[Any, Stubber], sidecars: list[Sidecar], caplog: pytest.LogCaptureFixture
+) -> None:
+    client, stubber = stubbed
+    for _ in range(3):
+        stubber.add_client_error(
+            "change_message_visibility", "RequestThrottled", "Rate exceeded", 400
+        )
+    expect_beat(stubber)
+    expect_beat(stubber)
+    sidecar = start(sidecars, client)
+    caplog.set_level(logging.DEBUG, "celery_sqs_heartbeat")
+
+    sidecar.start("rh-1", QUEUE, FAST, task_name="t", task_id="id")
+    wait_for(lambda: not stubber._queue, timeout=10, what="all stubbed calls")
+    assert sidecar.stop("rh-1") is not None
+
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len([r for r in warnings if "RequestThrottled" in r.getMessage()]) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_access_denied_ends_the_heartbeat_with_one_error_naming_the_action(
+    stubbed: tuple[Any, Stubber], sidecars: list[Sidecar], caplog: pytest.LogCaptureFixture
+) -> None:
+    client, stubber = stubbed
+    for _ in range(2):
+        stubber.add_client_error("change_message_visibility", "AccessDenied", "not authorized", 403)
+    sidecar = start(sidecars, client, region=lambda: "us-east-1")
+
+    sidecar.start("rh-1", QUEUE, FAST)
+    sidecar.start("rh-2", QUEUE, HeartbeatOptions(True, 0.3, 5, None))
+    wait_for(lambda: len(sidecar) == 0, timeout=10, what="both heartbeats to end")
+
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, errors
+    assert "sqs:ChangeMessageVisibility" in errors[0]
+    assert "arn:aws:sqs:us-east-1:123456789012:jobs" in errors[0]
+
+
+def test_batch_entries_fail_one_by_one(
+    stubbed: tuple[Any, Stubber], sidecars: list[Sidecar], caplog: pytest.LogCaptureFixture
+) -> None:
+    client, stubber = stubbed
+    stubber.add_response(
+        "change_message_visibility_batch",
+        {
+            "Successful": [{"Id": "0"}],
+            "Failed": [
+                {
+                    "Id": "1",
+                    "SenderFault": True,
+                    "Code": "ReceiptHandleIsInvalid",
+                    "Message": "gone",
+                }
+            ],
+        },
+    )
+    sidecar = Sidecar(lambda url: client, call_timeout=1.0)
+    options = HeartbeatOptions(True, 10, 30, None)
+    clock = [0.0]
+    sidecar._clock = lambda: clock[0]
+    sidecar.start("a", QUEUE, options)
+    sidecar.start("b", QUEUE, options)
+    clock[0] = 10.0
+    sidecar._step()
+
+    assert len(sidecar) == 1  # "b" was gone, "a" beats on
+    assert any("no longer in flight" in r.getMessage() for r in caplog.records)
+
+
+def test_stop_waits_for_the_call_in_flight_and_no_beat_follows(
+    sidecars: list[Sidecar],
+) -> None:
+    """Once stop returns, nothing more is sent for that message."""
+    entered, release = threading.Event(), threading.Event()
+    calls: list[tuple[str, float]] = []
+    stop_returned = threading.Event()
+
+    class SlowClient:
+        def change_message_visibility(self, **kw: Any) -> dict[str, Any]:
+            calls.append((kw["ReceiptHandle"], threading.get_ident()))
+            entered.set()
+            release.wait(5)
+            assert not stop_returned.is_set(), "a beat was still running after stop returned"
+            return {}
+
+    sidecar = start(sidecars, SlowClient())
+    sidecar.start("rh", QUEUE, FAST)
+    assert entered.wait(5)
+
+    stopper = threading.Thread(target=lambda: (sidecar.stop("rh"), stop_returned.set()))
+    stopper.start()
+    assert not stop_returned.wait(0.2), "stop returned while the call was in flight"
+    release.set()
+    stopper.join(5)
+    assert stop_returned.is_set()
+    count = len(calls)
+    sidecar.shutdown(5)
+    assert len(calls) == count
+
+
+def test_an_unexpected_error_never_escapes(
+    sidecars: list[Sidecar], caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken:
+        def change_message_visibility(self, **kw: Any) -> None:
+            raise RuntimeError("boom")
+
+    sidecar = start(sidecars, Broken())
+    sidecar.start("rh", QUEUE, FAST)
+    wait_for(lambda: any(r.exc_info for r in caplog.records), timeout=5, what="a traceback")
+    assert sidecar.running
+    assert sidecar.stop("rh") is not None

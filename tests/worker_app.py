@@ -1,0 +1,129 @@
+"""The Celery app that the integration tests and the demo run in real worker processes.
+
+It never imports celery_sqs_heartbeat: the ``celery`` command's plugin installs the
+heartbeat, as it would in a user's project. Everything that varies between tests comes
+from the environment:
+
+* ``SQSHB_BROKER_URL``: the loopback SQS server.
+* ``SQSHB_CONFIG``: JSON object of Celery settings (heartbeat settings, annotations...).
+* ``SQSHB_EVENTS``: file each task appends one JSON line to when it starts and ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+from celery import Celery
+from celery.exceptions import Reject
+
+app = Celery("worker_app", broker=os.environ.get("SQSHB_BROKER_URL", "memory://"))
+app.conf.update(
+    task_acks_late=True,
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=True,
+    # The broker's polling must not hide the behaviour under test: poll often.
+    broker_transport_options={"wait_time_seconds": 1, "polling_interval": 0.1},
+)
+app.conf.update(json.loads(os.environ.get("SQSHB_CONFIG", "{}")))
+
+
+def record(event: str, task_id: str, **extra: object) -> None:
+    """Append one event line; O_APPEND writes of one short line do not interleave."""
+    path = os.environ.get("SQSHB_EVENTS")
+    if not path:
+        return
+    line = json.dumps(
+        {
+            "event": event,
+            "task_id": task_id,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "worker": os.environ.get("SQSHB_WORKER", ""),
+            "at": time.time(),
+            **extra,
+        }
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def _run(task: object, seconds: float, spin: bool) -> str:
+    request = task.request  # type: ignore[attr-defined]
+    receipt_handle = (request.properties or {}).get("delivery_tag")
+    record("start", request.id, retries=request.retries, receipt_handle=receipt_handle)
+    deadline = time.monotonic() + seconds
+    if spin:
+        n = 0
+        while time.monotonic() < deadline:  # pure Python: holds the GIL between checks
+            n += 1
+    else:
+        time.sleep(seconds)
+    record("end", request.id, retries=request.retries, receipt_handle=receipt_handle)
+    return request.id
+
+
+@app.task(bind=True)
+def sleep(self, seconds: float) -> str:
+    """Sleep, like a task waiting on I/O."""
+    return _run(self, seconds, spin=False)
+
+
+@app.task(bind=True)
+def spin(self, seconds: float) -> str:
+    """Spin on the CPU in pure Python, like a CPU-bound task."""
+    return _run(self, seconds, spin=True)
+
+
+@app.task(bind=True)
+def plain(self, seconds: float) -> str:
+    """Like sleep; the tests set its options through task_annotations only."""
+    return _run(self, seconds, spin=False)
+
+
+@app.task(bind=True, sqs_heartbeat_enabled=False)
+def opted_out(self, seconds: float) -> str:
+    """Never heartbeated: the task option turns it off."""
+    return _run(self, seconds, spin=False)
+
+
+@app.task(bind=True, sqs_heartbeat_enabled=True)
+def opted_in(self, seconds: float) -> str:
+    """Heartbeated even when the setting is off: the task option turns it on."""
+    return _run(self, seconds, spin=False)
+
+
+@app.task(bind=True)
+def fail(self, seconds: float) -> None:
+    """Fails after a while."""
+    _run(self, seconds, spin=False)
+    raise RuntimeError("task failed on purpose")
+
+
+@app.task(bind=True, max_retries=1, default_retry_delay=0)
+def retry_once(self, seconds: float) -> str:
+    """Retries once (a new message, same task id), then succeeds."""
+    result = _run(self, seconds, spin=False)
+    if self.request.retries == 0:
+        raise self.retry(countdown=0)
+    return result
+
+
+@app.task(bind=True)
+def reject_once(self, seconds: float) -> str:
+    """Rejects its message with requeue the first time, then succeeds."""
+    result = _run(self, seconds, spin=False)
+    receive_count = int(
+        self.request.properties["delivery_info"]["sqs_message"]
+        .get("Attributes", {})
+        .get("ApproximateReceiveCount", "1")
+    )
+    if receive_count == 1:
+        raise Reject("requeue on purpose", requeue=True)
+    return result
