@@ -44,6 +44,8 @@ _options: dict[str, HeartbeatOptions] = {}
 #: Apps the handlers serve; None: every app (the ``celery`` command's plugin).
 _apps: weakref.WeakSet[Any] | None = weakref.WeakSet()
 _noted: set[str] = set()
+#: Whether an app's broker is SQS, looked up once per process.
+_broker_kind: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 # -- per-process state ---------------------------------------------------------------
@@ -218,13 +220,14 @@ def _on_task_prerun(task: Any = None, task_id: str = "", **_: Any) -> None:
             receipt_handle = properties["delivery_tag"]
             queue_url = properties["delivery_info"]["sqs_queue"]
         except (TypeError, KeyError):
-            _note_once(
-                "not-sqs",
-                logging.INFO,
-                "celery-sqs-heartbeat: task %s has no SQS message (not an SQS broker); "
-                "it runs without a heartbeat.",
-                task.name,
-            )
+            if _broker_is_sqs(task.app):  # else the worker already said so, once
+                _note_once(
+                    "not-sqs",
+                    logging.INFO,
+                    "celery-sqs-heartbeat: task %s came without SQS message properties; "
+                    "it runs without a heartbeat.",
+                    task.name,
+                )
             return
         if not task.acks_late:
             return  # its message is already deleted; warned at worker start
@@ -257,6 +260,13 @@ def _on_task_postrun(task: Any = None, **_: Any) -> None:
             "celery-sqs-heartbeat: could not stop a heartbeat.",
             exc_info=True,
         )
+
+
+def _broker_is_sqs(app: Any) -> bool:
+    known = _broker_kind.get(app)
+    if known is None:
+        known = _broker_kind[app] = BrokerInfo.from_app(app) is not None
+    return known
 
 
 def _on_shutdown(**_: Any) -> None:

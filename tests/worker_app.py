@@ -17,7 +17,7 @@ import socket
 import time
 
 from celery import Celery
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 
 app = Celery("worker_app", broker=os.environ.get("SQSHB_BROKER_URL", "memory://"))
 app.conf.update(
@@ -127,3 +127,10 @@ def reject_once(self, seconds: float) -> str:
     if receive_count == 1:
         raise Reject("requeue on purpose", requeue=True)
     return result
+
+
+@app.task(bind=True)
+def ignore(self, seconds: float) -> None:
+    """Ends with Ignore: no result stored, the message acknowledged."""
+    _run(self, seconds, spin=False)
+    raise Ignore()
