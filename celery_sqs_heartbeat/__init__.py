@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import signals
+from ._report import Stats
 from ._settings import SETTINGS, ConfigurationError, HeartbeatOptions, Setting
 
 __all__ = [
@@ -28,9 +30,12 @@ __all__ = [
     "ConfigurationError",
     "HeartbeatOptions",
     "Setting",
+    "Stats",
     "__version__",
     "install",
     "options_for",
+    "signals",
+    "stats",
     "uninstall",
 ]
 
@@ -67,3 +72,15 @@ def options_for(task: Any) -> HeartbeatOptions:
     from ._settings import resolve
 
     return resolve(task.app.conf, task)
+
+
+def stats() -> Stats:
+    """Counters of the heartbeats in this process: active, beats sent, late, failed, lost.
+
+    Per process: in a prefork worker, call it from the pool child (a task, or a
+    ``worker_process_*`` signal), not from the main process.
+    """
+    from . import _worker
+
+    sidecar = _worker.current_sidecar()
+    return Stats() if sidecar is None else sidecar.stats()

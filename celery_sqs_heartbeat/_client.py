@@ -106,6 +106,16 @@ class Clients:
             self._region = self.broker.region()
         return self._region
 
+    def warm_up(self) -> None:
+        """Build the default client and parse the models of the two calls a beat makes.
+
+        botocore parses an operation's model on its first call; done here, before any
+        task runs, the first beat of a busy process does not pay for it.
+        """
+        model = self.for_queue("").meta.service_model
+        for operation in ("ChangeMessageVisibility", "ChangeMessageVisibilityBatch"):
+            model.operation_model(operation)
+
     def for_queue(self, queue_url: str) -> Any:
         """The client to use for *queue_url* (a predefined queue may have its own keys)."""
         q = self.broker.predefined_queue(queue_url) or {}

@@ -36,12 +36,14 @@ from ._settings import MAX_VISIBILITY_SECONDS, HeartbeatOptions
 
 #: SQS takes at most ten entries in one ChangeMessageVisibilityBatch.
 MAX_BATCH = 10
-#: Beats for one queue that fall due within this many seconds of the first one wait for
-#: each other and share a request. It is the most a beat is delayed on purpose.
-BATCH_WINDOW = 0.05
 #: A beat that is not yet due may take a free place in a request to its queue when it
 #: would be due within this fraction of its interval.
 FREE_RIDE_FRACTION = 0.5
+#: A task's first beat may wait this many seconds past its due time for the first beats
+#: of tasks that started just after it (a worker receives up to ten messages at a time,
+#: and they start a few milliseconds apart), so that they share one request. Any request
+#: to the queue planned meanwhile takes it along.
+FIRST_BEAT_WINDOW = 0.1
 #: The time between a message's receipt and its task's start is not known in the
 #: process that runs the task; this much of SQS's 12-hour budget is left unused for it.
 RECEIPT_ALLOWANCE = 60.0
@@ -49,8 +51,10 @@ RECEIPT_ALLOWANCE = 60.0
 BACKOFF_INITIAL = 0.25
 #: A retry waits at most this fraction of the interval.
 BACKOFF_MAX_FRACTION = 0.5
-#: A heap holding more than this many stale entries per live heartbeat is rebuilt.
-COMPACT_RATIO = 4
+#: The heaps are rebuilt without the entries of stopped heartbeats once there are more
+#: of those than this, and more than live ones. Rarely enough that the rebuild, which
+#: lands on the task that stops a heartbeat, stays out of the 99th percentile.
+COMPACT_MIN_STALE = 1024
 
 
 class Ended(enum.Enum):
@@ -63,62 +67,85 @@ class Ended(enum.Enum):
     LOST = "visibility lapsed before a beat got through"
 
 
-@dataclass(eq=False, slots=True)
+#: A heap entry: (due time, sequence number, receipt handle).
+_Item = tuple[float, int, str]
+
+
 class Heartbeat:
-    """The state of one running task's heartbeat, keyed by its message's receipt handle."""
+    """The state of one running task's heartbeat, keyed by its message's receipt handle.
 
-    receipt_handle: str
-    queue_url: str
-    task_name: str
-    task_id: str
-    interval: float
-    visibility_timeout: int
-    started: float
-    #: When beating stops for good: the task's max_duration, or SQS's 12-hour limit.
-    stop_at: float
-    #: SQS's 12-hour limit from receipt, as estimated from the task's start.
-    limit_at: float
-    next_due: float
-    #: Until when the message is known to stay hidden; infinite until the first beat,
-    #: since the queue's own timeout is not known here.
-    visible_until: float = math.inf
-    beats: int = 0
-    #: Failed attempts since the last successful beat.
-    failures: int = 0
-    #: The due time of the beat now being attempted, for lateness.
-    scheduled: float = 0.0
-    in_flight: bool = False
-    stopped: bool = False
-    ended: Ended | None = None
+    A plain slotted class: one is made at every task's prerun, so it is kept cheap.
+    """
 
-    @classmethod
-    def create(
-        cls,
+    __slots__ = (
+        "beats",
+        "ended",
+        "failures",
+        "in_flight",
+        "interval",
+        "max_duration",
+        "next_due",
+        "queue_url",
+        "receipt_handle",
+        "scheduled",
+        "seq",
+        "started",
+        "stopped",
+        "task_id",
+        "task_name",
+        "visibility_timeout",
+        "visible_until",
+    )
+
+    def __init__(
+        self,
         receipt_handle: str,
         queue_url: str,
         options: HeartbeatOptions,
-        *,
         now: float,
         task_name: str = "",
         task_id: str = "",
-    ) -> Heartbeat:
-        limit_at = now + MAX_VISIBILITY_SECONDS - RECEIPT_ALLOWANCE
-        stop_at = limit_at
-        if options.max_duration is not None:
-            stop_at = min(stop_at, now + options.max_duration)
-        due = now + options.interval
-        return cls(
-            receipt_handle=receipt_handle,
-            queue_url=queue_url,
-            task_name=task_name,
-            task_id=task_id,
-            interval=options.interval,
-            visibility_timeout=options.visibility_timeout,
-            started=now,
-            stop_at=stop_at,
-            limit_at=limit_at,
-            next_due=due,
-            scheduled=due,
+    ) -> None:
+        self.receipt_handle = receipt_handle
+        self.queue_url = queue_url
+        self.task_name = task_name
+        self.task_id = task_id
+        self.interval = options.interval
+        self.visibility_timeout = options.visibility_timeout
+        self.max_duration = options.max_duration
+        self.started = now
+        #: When the next beat is due; the heap's order.
+        self.next_due = now + options.interval
+        #: The due time of the beat now being attempted, for lateness.
+        self.scheduled = self.next_due
+        #: Until when the message is known to stay hidden; infinite until the first beat,
+        #: since the queue's own timeout is not known here.
+        self.visible_until = math.inf
+        self.beats = 0
+        #: Failed attempts since the last successful beat.
+        self.failures = 0
+        self.in_flight = False
+        self.stopped = False
+        self.ended: Ended | None = None
+        #: Sequence number of its current heap entry; older entries are stale.
+        self.seq = -1
+
+    @property
+    def limit_at(self) -> float:
+        """SQS's 12-hour limit from receipt, as estimated from the task's start."""
+        return self.started + MAX_VISIBILITY_SECONDS - RECEIPT_ALLOWANCE
+
+    @property
+    def stop_at(self) -> float:
+        """When beating stops for good: the task's max_duration, or the 12-hour limit."""
+        if self.max_duration is None:
+            return self.limit_at
+        return min(self.limit_at, self.started + self.max_duration)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Heartbeat {self.task_name}[{self.task_id}] beats={self.beats} "
+            f"next_due={self.next_due:.3f} stopped={self.stopped} ended={self.ended}>"
         )
 
 
@@ -145,8 +172,12 @@ class Settled:
 
     heartbeat: Heartbeat
     failure: Failure | None
+    #: When the beat was due (the first attempt's due time, for a retried beat).
+    due: float
     #: Seconds between the beat's due time and its request being planned.
     lateness: float
+    #: The visibility the request asked for.
+    visibility_timeout: int
     retry_in: float | None = None
 
 
@@ -163,9 +194,16 @@ class Schedule:
 
     def __init__(self, *, jitter: Callable[[], float] = random.random) -> None:
         self._beats: dict[str, Heartbeat] = {}
-        self._heaps: dict[str, list[tuple[float, int, Heartbeat]]] = {}
+        #: Per queue, (due, sequence, receipt handle): an entry holds no heartbeat, so a
+        #: stopped one is freed at once; its entry goes stale and is skipped or compacted.
+        self._heaps: dict[str, list[_Item]] = {}
         self._counter = itertools.count()
         self._jitter = jitter
+        #: Heartbeats ever added and removed, for stats.
+        self.added = 0
+        self.removed = 0
+        #: Entries in all heaps, live or stale.
+        self._stored = 0
 
     def __len__(self) -> int:
         return len(self._beats)
@@ -182,6 +220,7 @@ class Schedule:
             return False
         self._beats[heartbeat.receipt_handle] = heartbeat
         self._push(heartbeat)
+        self.added += 1
         return True
 
     def remove(self, receipt_handle: str) -> Heartbeat | None:
@@ -189,11 +228,19 @@ class Schedule:
         heartbeat = self._beats.pop(receipt_handle, None)
         if heartbeat is not None:
             heartbeat.stopped = True
-            self._maybe_compact()
+            self.removed += 1
+            heap = self._heaps.get(heartbeat.queue_url)
+            if heap and heap[-1][1] == heartbeat.seq:
+                # Its entry is the heap's last element, as when a task stops before any
+                # other starts (prefork, solo): dropping the last element keeps a heap.
+                heap.pop()
+                self._stored -= 1
+            else:
+                self._maybe_compact()
         return heartbeat
 
     def next_due(self) -> float:
-        """The earliest due time of any heartbeat, or infinity."""
+        """When :meth:`plan` must next run (the earliest due beat), or infinity."""
         earliest = math.inf
         for queue_url in list(self._heaps):
             heap = self._heaps[queue_url]
@@ -211,12 +258,11 @@ class Schedule:
             heap = self._heaps[queue_url]
             due: list[Entry] = []
             while heap and heap[0][0] <= now:
-                heap_due, _, heartbeat = heapq.heappop(heap)
-                if self._is_current(heartbeat, heap_due):
+                heartbeat = self._current(self._pop(heap))
+                if heartbeat is not None:
                     self._take(heartbeat, now, due, plan.ended)
             if due:
-                free = -len(due) % MAX_BATCH
-                self._take_free_riders(heap, now, free, due, plan.ended)
+                self._take_riders(heap, now, due, plan.ended)
                 for start in range(0, len(due), MAX_BATCH):
                     plan.requests.append(Request(queue_url, due[start : start + MAX_BATCH], now))
             if not heap:
@@ -235,49 +281,60 @@ class Schedule:
         for entry, failure in zip(request.entries, failures, strict=True):
             heartbeat = entry.heartbeat
             heartbeat.in_flight = False
-            lateness = max(0.0, request.planned_at - heartbeat.scheduled)
+            due = heartbeat.scheduled
+            retry_in: float | None = None
             if heartbeat.stopped:
-                # The task ended while the call was in flight: whatever SQS said, it is over.
-                results.append(Settled(heartbeat, failure, lateness))
-                continue
-            if failure is None:
+                pass  # the task ended while the call was in flight: whatever SQS said
+            elif failure is None:
                 heartbeat.beats += 1
                 heartbeat.failures = 0
                 heartbeat.visible_until = request.planned_at + entry.visibility_timeout
                 heartbeat.next_due = heartbeat.scheduled = _next_due(heartbeat, request.planned_at)
                 self._push(heartbeat)
-                results.append(Settled(heartbeat, None, lateness))
-                continue
-            ended = _ENDED_BY.get(failure)
-            retry_in: float | None = None
-            if ended is None:
-                heartbeat.failures += 1
-                retry_in = self._backoff(heartbeat)
-                if now + retry_in >= heartbeat.visible_until:
-                    ended = Ended.LOST
-            if ended is not None:
-                self._end(heartbeat, ended)
-                results.append(Settled(heartbeat, failure, lateness))
-                continue
-            assert retry_in is not None
-            heartbeat.next_due = now + retry_in
-            self._push(heartbeat)
-            results.append(Settled(heartbeat, failure, lateness, retry_in))
+            else:
+                ended = _ENDED_BY.get(failure)
+                if ended is None:
+                    heartbeat.failures += 1
+                    retry_in = self._backoff(heartbeat)
+                    if now + retry_in >= heartbeat.visible_until:
+                        ended, retry_in = Ended.LOST, None
+                if ended is None:
+                    assert retry_in is not None
+                    heartbeat.next_due = now + retry_in
+                    self._push(heartbeat)
+                else:
+                    self._end(heartbeat, ended)
+            lateness = max(0.0, request.planned_at - due)
+            results.append(
+                Settled(heartbeat, failure, due, lateness, entry.visibility_timeout, retry_in)
+            )
         return results
 
     # -- internals --------------------------------------------------------------------
 
     def _push(self, heartbeat: Heartbeat) -> None:
         heap = self._heaps.setdefault(heartbeat.queue_url, [])
-        heapq.heappush(heap, (heartbeat.next_due, next(self._counter), heartbeat))
+        heartbeat.seq = next(self._counter)
+        key = heartbeat.next_due
+        if _waits_for_company(heartbeat):
+            key += FIRST_BEAT_WINDOW
+        heapq.heappush(heap, (key, heartbeat.seq, heartbeat.receipt_handle))
+        self._stored += 1
 
-    @staticmethod
-    def _is_current(heartbeat: Heartbeat, heap_due: float) -> bool:
-        return not heartbeat.stopped and not heartbeat.in_flight and heartbeat.next_due == heap_due
+    def _pop(self, heap: list[_Item]) -> _Item:
+        self._stored -= 1
+        return heapq.heappop(heap)
 
-    def _drop_stale(self, heap: list[tuple[float, int, Heartbeat]]) -> None:
-        while heap and not self._is_current(heap[0][2], heap[0][0]):
-            heapq.heappop(heap)
+    def _current(self, item: _Item) -> Heartbeat | None:
+        """The heartbeat a heap entry stands for, or None when the entry is stale."""
+        heartbeat = self._beats.get(item[2])
+        if heartbeat is None or heartbeat.seq != item[1] or heartbeat.in_flight:
+            return None
+        return heartbeat
+
+    def _drop_stale(self, heap: list[_Item]) -> None:
+        while heap and self._current(heap[0]) is None:
+            self._pop(heap)
 
     def _take(
         self, heartbeat: Heartbeat, now: float, entries: list[Entry], ended: list[Heartbeat]
@@ -299,32 +356,40 @@ class Schedule:
         heartbeat.in_flight = True
         entries.append(Entry(heartbeat, min(heartbeat.visibility_timeout, left)))
 
-    def _take_free_riders(
-        self,
-        heap: list[tuple[float, int, Heartbeat]],
-        now: float,
-        places: int,
-        entries: list[Entry],
-        ended: list[Heartbeat],
+    def _take_riders(
+        self, heap: list[_Item], now: float, entries: list[Entry], ended: list[Heartbeat]
     ) -> None:
-        """Fill *places* free places of a request with beats due soon anyway."""
-        wanted = len(entries) + places
-        passed_over: list[tuple[float, int, Heartbeat]] = []
-        while heap and len(entries) < wanted and len(passed_over) < MAX_BATCH:
-            due, _, heartbeat = item = heap[0]
-            if not self._is_current(heartbeat, due):
-                heapq.heappop(heap)
+        """Add the beats that can share the requests already going to this queue.
+
+        First beats that are due but still waiting out their window all go. Other beats
+        due within half an interval take the free places of the last request.
+        """
+        passed_over: list[_Item] = []
+        while heap and len(passed_over) < MAX_BATCH:
+            item = heap[0]
+            heartbeat = self._current(item)
+            if heartbeat is None:
+                self._pop(heap)
                 continue
-            if due > now + FREE_RIDE_FRACTION * heartbeat.interval:
+            if _waits_for_company(heartbeat):
+                if item[0] > now + FIRST_BEAT_WINDOW:
+                    break
+                self._pop(heap)
+                if heartbeat.next_due <= now:
+                    self._take(heartbeat, now, entries, ended)
+                else:
+                    # A first beat is never sent early: a short task must cost no call.
+                    passed_over.append(item)
+                continue
+            if not -len(entries) % MAX_BATCH or (
+                item[0] > now + FREE_RIDE_FRACTION * heartbeat.interval
+            ):
                 break
-            heapq.heappop(heap)
-            if heartbeat.beats == 0:
-                # A first beat is never sent early: a short task must cost no call.
-                passed_over.append(item)
-                continue
+            self._pop(heap)
             self._take(heartbeat, now, entries, ended)
         for item in passed_over:
             heapq.heappush(heap, item)
+            self._stored += 1
 
     def _end(self, heartbeat: Heartbeat, reason: Ended) -> None:
         heartbeat.ended = reason
@@ -341,15 +406,22 @@ class Schedule:
         return float(ceiling * (0.5 + 0.5 * self._jitter()))
 
     def _maybe_compact(self) -> None:
-        stored = sum(len(h) for h in self._heaps.values())
-        if stored > COMPACT_RATIO * (len(self._beats) + MAX_BATCH):
+        stale = self._stored - len(self._beats)
+        if stale > COMPACT_MIN_STALE and stale > len(self._beats):
+            self._stored = 0
             for queue_url, heap in list(self._heaps.items()):
-                live = [item for item in heap if self._is_current(item[2], item[0])]
+                live = [item for item in heap if self._current(item) is not None]
                 heapq.heapify(live)
+                self._stored += len(live)
                 if live:
                     self._heaps[queue_url] = live
                 else:
                     del self._heaps[queue_url]
+
+
+def _waits_for_company(heartbeat: Heartbeat) -> bool:
+    """Whether the heartbeat's next beat is a first beat (not a retry): see FIRST_BEAT_WINDOW."""
+    return heartbeat.beats == 0 and heartbeat.failures == 0
 
 
 def _next_due(heartbeat: Heartbeat, sent: float) -> float:

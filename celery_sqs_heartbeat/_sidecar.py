@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._errors import Failure, classify_batch_entry, classify_exception, describe_denied
-from ._schedule import BATCH_WINDOW, Ended, Heartbeat, Request, Schedule, Settled
+from ._errors import Failure, classify_batch_entry, classify_exception
+from ._report import Reporter, Stats
+from ._schedule import FIRST_BEAT_WINDOW, Heartbeat, Request, Schedule
 from ._settings import HeartbeatOptions
 
 logger = logging.getLogger("celery_sqs_heartbeat")
@@ -34,6 +36,10 @@ THREAD_NAME = "celery-sqs-heartbeat"
 LOOP_ERROR_PAUSE = 1.0
 #: ``stop`` waits at most this much longer than the client's time-out for a call in flight.
 STOP_WAIT_MARGIN = 1.0
+#: The interpreter's switch interval around a beat, in seconds (see ``_SwitchInterval``).
+PROMPT_SWITCH_INTERVAL = 0.0005
+#: How long before a beat is due the thread wakes to shorten the switch interval.
+PROMPT_LEAD = 0.1
 
 ClientSource = Callable[[str], Any]
 
@@ -51,7 +57,6 @@ class Sidecar:
     ) -> None:
         self._clients = clients
         self._call_timeout = call_timeout
-        self._region = region
         self._clock = clock
         self._lock = threading.Lock()
         #: Wakes the thread: a heartbeat due sooner than it planned, or shutdown.
@@ -62,8 +67,13 @@ class Sidecar:
         self._schedule = Schedule()
         #: When the sleeping thread will wake by itself; -inf while it is awake.
         self._wake_at = -math.inf
+        #: The shortest interval of any heartbeat so far: even with nothing due the thread
+        #: wakes this often, so that a task's start never has to wake it (a wake-up costs
+        #: the task a GIL hand-off).
+        self._shortest = math.inf
         self._thread: threading.Thread | None = None
-        self._denied_queues: set[str] = set()
+        self._report = Reporter(region=region)
+        self._gil = _SwitchInterval()
 
     # -- the task's side: microseconds, no I/O ------------------------------------------
 
@@ -72,47 +82,55 @@ class Sidecar:
         receipt_handle: str,
         queue_url: str,
         options: HeartbeatOptions,
-        *,
         task_name: str = "",
         task_id: str = "",
     ) -> bool:
         """Begin beating for a message; False if it already has a heartbeat."""
+        heartbeat = Heartbeat(receipt_handle, queue_url, options, self._clock(), task_name, task_id)
         with self._lock:
-            heartbeat = Heartbeat.create(
-                receipt_handle,
-                queue_url,
-                options,
-                now=self._clock(),
-                task_name=task_name,
-                task_id=task_id,
-            )
             if not self._schedule.add(heartbeat):
                 return False
-            if heartbeat.next_due < self._wake_at:
+            if options.interval < self._shortest:
+                self._shortest = options.interval
+            if heartbeat.next_due + FIRST_BEAT_WINDOW < self._wake_at:
                 self._wake.notify()
+        self._report.started(heartbeat)
         return True
 
     def stop(self, receipt_handle: str) -> Heartbeat | None:
         """End the heartbeat of a message; once this returns no beat for it is sent."""
         with self._lock:
             heartbeat = self._schedule.remove(receipt_handle)
-            if heartbeat is None or not heartbeat.in_flight:
-                return heartbeat
-            waited = 2 * self._call_timeout + STOP_WAIT_MARGIN
-            deadline = self._clock() + waited
-            while heartbeat.in_flight:
-                left = deadline - self._clock()
-                if left <= 0:
-                    logger.warning(
-                        "Stopped the heartbeat of task %s[%s] while its beat was still in "
-                        "flight after %.1f s; that beat may still land.",
-                        heartbeat.task_name,
-                        heartbeat.task_id,
-                        waited,
-                    )
-                    break
-                self._settled.wait(left)
+            if heartbeat is None:
+                return None
+            if heartbeat.in_flight:
+                self._wait_in_flight(heartbeat)
+        if heartbeat.ended is None:
+            self._report.stopped(heartbeat)
         return heartbeat
+
+    def _wait_in_flight(self, heartbeat: Heartbeat) -> None:
+        """Wait for the call in flight for *heartbeat*; the caller holds the lock."""
+        waited = 2 * self._call_timeout + STOP_WAIT_MARGIN
+        deadline = self._clock() + waited
+        while heartbeat.in_flight:
+            left = deadline - self._clock()
+            if left <= 0:
+                logger.warning(
+                    "Stopped the heartbeat of task %s[%s] while its beat was still in "
+                    "flight after %.1f s; that beat may still land.",
+                    heartbeat.task_name,
+                    heartbeat.task_id,
+                    waited,
+                )
+                return
+            self._settled.wait(left)
+
+    def stats(self) -> Stats:
+        """This process's counters, with the number of heartbeats running now."""
+        with self._lock:
+            schedule = self._schedule
+            return self._report.stats(len(schedule), schedule.added, schedule.removed)
 
     def __len__(self) -> int:
         with self._lock:
@@ -139,6 +157,7 @@ class Sidecar:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+        self._gil.prompt(False)
 
     # -- the thread ------------------------------------------------------------------------
 
@@ -155,23 +174,28 @@ class Sidecar:
             now = self._clock()
             plan = self._schedule.plan(now)
             if not plan.requests and not plan.ended:
-                due = self._schedule.next_due()
-                # Waiting a little past the first due beat lets beats that fall due
-                # together share one request.
-                self._wake_at = due + BATCH_WINDOW
+                due = min(self._schedule.next_due(), now + self._shortest)
+                # Wake PROMPT_LEAD early and wait out the rest with prompt GIL hand-offs,
+                # so that even the wake-up does not queue behind busy task threads.
+                prompt = due - now <= PROMPT_LEAD
+                self._gil.prompt(prompt)
+                wake = due if prompt else due - PROMPT_LEAD
+                self._wake_at = wake
                 if not self._stopping.is_set():
-                    self._wake.wait(None if due == math.inf else self._wake_at - now)
+                    self._wake.wait(None if wake == math.inf else wake - now)
                 self._wake_at = -math.inf
                 return
+        self._gil.prompt(True)
         for heartbeat in plan.ended:
-            self._log_ended(heartbeat, "")
+            self._report.ended(heartbeat, "")
         for request in plan.requests:
             outcome = self._send(request)
             with self._lock:
-                settled = self._schedule.settle(request, outcome.failures, self._clock())
+                answered = self._clock()
+                settled = self._schedule.settle(request, outcome.failures, answered)
                 self._settled.notify_all()
             for result, detail in zip(settled, outcome.details, strict=True):
-                self._log(result, request, detail, outcome.error)
+                self._report.settled(result, detail, outcome.error, answered)
 
     def _send(self, request: Request) -> _Outcome:
         """Send one request; never raises. Gives one failure (or None) per entry."""
@@ -207,97 +231,31 @@ class Sidecar:
                 [classify_exception(exc)] * len(entries), [_describe(exc)] * len(entries), exc
             )
 
-    # -- logging ---------------------------------------------------------------------------
 
-    def _log(
-        self, result: Settled, request: Request, detail: str, error: BaseException | None
-    ) -> None:
-        hb = result.heartbeat
-        if hb.stopped and hb.ended is None:
-            return  # the task ended while this beat was in flight: nothing to report
-        if result.failure is None:
-            margin = (hb.visibility_timeout - hb.interval) / 2
-            if result.lateness > margin:
-                logger.warning(
-                    "Heartbeat of task %s[%s] was late by %.1f s; its message on %s stayed "
-                    "hidden, but with less margin than configured.",
-                    hb.task_name,
-                    hb.task_id,
-                    result.lateness,
-                    request.queue_url,
-                )
-            elif logger.isEnabledFor(logging.DEBUG):
-                logger.debug(
-                    "Heartbeat %d of task %s[%s]: message hidden for %d s more on %s "
-                    "(%.3f s after its due time).",
-                    hb.beats,
-                    hb.task_name,
-                    hb.task_id,
-                    next(e.visibility_timeout for e in request.entries if e.heartbeat is hb),
-                    request.queue_url,
-                    result.lateness,
-                )
-            return
-        if hb.ended is not None:
-            self._log_ended(hb, detail)
-            return
-        log = logger.error if result.failure is Failure.UNKNOWN else logger.warning
-        if hb.failures == 1 or result.failure is Failure.UNKNOWN:
-            log(
-                "Heartbeat of task %s[%s] failed (%s: %s); retrying in %.2f s while its "
-                "message stays hidden.",
-                hb.task_name,
-                hb.task_id,
-                result.failure.value,
-                detail,
-                result.retry_in or 0.0,
-                exc_info=error if result.failure is Failure.UNKNOWN and hb.failures == 1 else None,
-            )
+class _SwitchInterval:
+    """Shortens the interpreter's switch interval around beats, and puts it back.
 
-    def _log_ended(self, hb: Heartbeat, detail: str) -> None:
-        task = f"{hb.task_name}[{hb.task_id}]"
-        reason = hb.ended
-        if reason is Ended.DENIED:
-            if hb.queue_url not in self._denied_queues:
-                self._denied_queues.add(hb.queue_url)
-                logger.error(
-                    "Heartbeat of task %s stopped: %s (%s). Its message will be visible "
-                    "again when its current visibility runs out.",
-                    task,
-                    describe_denied(hb.queue_url, self._region()),
-                    detail,
-                )
-            return
-        if reason is Ended.GONE:
-            logger.warning(
-                "Heartbeat of task %s stopped: its message is no longer in flight on %s "
-                "(%s); it was deleted or delivered again, so the task may run twice.",
-                task,
-                hb.queue_url,
-                detail,
-            )
-        elif reason is Ended.LOST:
-            logger.warning(
-                "Heartbeat of task %s stopped: SQS did not answer (%s) before the message's "
-                "visibility ran out; it may be delivered to another worker.",
-                task,
-                detail,
-            )
-        elif reason is Ended.LIMIT:
-            logger.warning(
-                "Heartbeat of task %s stopped after %d beats: SQS keeps a message hidden "
-                "at most 12 hours from receipt; it will be delivered again.",
-                task,
-                hb.beats,
-            )
-        elif reason is Ended.MAX_DURATION:
-            logger.warning(
-                "Heartbeat of task %s stopped after %d beats: sqs_heartbeat_max_duration "
-                "reached; its message will be visible again within %d s.",
-                task,
-                hb.beats,
-                hb.visibility_timeout,
-            )
+    A beat's HTTP call gives up the GIL at every socket operation, and the thread must
+    win it back from the task threads, as it must on waking up. A thread spinning in pure
+    Python keeps the GIL for a whole switch interval (5 ms by default) each time, so with
+    several such threads a beat would wait hundreds of milliseconds. From
+    :data:`PROMPT_LEAD` before a beat is due until its request is answered, the interval
+    is :data:`PROMPT_SWITCH_INTERVAL`; the rest of the time it is whatever it was.
+    """
+
+    def __init__(self) -> None:
+        self._saved: float | None = None
+
+    def prompt(self, on: bool) -> None:
+        if on and self._saved is None:
+            current = sys.getswitchinterval()
+            if current > PROMPT_SWITCH_INTERVAL:
+                self._saved = current
+                sys.setswitchinterval(PROMPT_SWITCH_INTERVAL)
+        elif not on and self._saved is not None:
+            if sys.getswitchinterval() == PROMPT_SWITCH_INTERVAL:  # unless changed since
+                sys.setswitchinterval(self._saved)
+            self._saved = None
 
 
 @dataclass(frozen=True, slots=True)

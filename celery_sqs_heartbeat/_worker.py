@@ -19,6 +19,7 @@ import os
 import threading
 import weakref
 from collections.abc import Iterable
+from threading import get_ident
 from typing import Any
 
 from celery import signals
@@ -29,9 +30,6 @@ from ._sidecar import Sidecar
 
 logger = logging.getLogger("celery_sqs_heartbeat")
 
-#: Attribute of the task's request context that remembers the receipt handle between
-#: prerun and postrun. kombu may mutate the message's properties in between (requeue).
-REQUEST_ATTRIBUTE = "_sqs_heartbeat_receipt_handle"
 #: Options used for a task whose options could not be read: no heartbeat.
 DISABLED = HeartbeatOptions(enabled=False, interval=30, visibility_timeout=120, max_duration=None)
 #: How long worker shutdown waits for the sidecar thread to finish a call.
@@ -44,6 +42,10 @@ _options: dict[str, HeartbeatOptions] = {}
 #: Apps the handlers serve; None: every app (the ``celery`` command's plugin).
 _apps: weakref.WeakSet[Any] | None = weakref.WeakSet()
 _noted: set[str] = set()
+#: Receipt handle of each running task's message, by (thread, task id): postrun finds it
+#: here, since kombu may change the message's properties after prerun (requeue). A
+#: retried task keeps its id but runs in another thread (or after this one ends).
+_running: dict[tuple[int, str], str] = {}
 #: Whether an app's broker is SQS, looked up once per process.
 _broker_kind: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
@@ -57,6 +59,7 @@ def _forget_in_child() -> None:
     _sidecar = None
     _lock = threading.Lock()
     _noted.clear()
+    _running.clear()
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
@@ -93,7 +96,7 @@ def ensure_sidecar(app: Any, *, warm: bool = True) -> Sidecar | None:
         if warm:
             # Made now, before any task runs: building a client is ~100 ms of Python
             # that a CPU-bound task would slow down many times over.
-            clients.for_queue("")
+            clients.warm_up()
         sidecar = Sidecar(
             clients.for_queue, call_timeout=clients.timeout, region=lambda: clients.region
         )
@@ -111,17 +114,6 @@ def shutdown_sidecar() -> None:
 
 
 # -- options ---------------------------------------------------------------------------
-
-
-def options_for(task: Any) -> HeartbeatOptions:
-    """The effective heartbeat options of *task*, resolved once per process.
-
-    Raises :class:`ConfigurationError` for a bad setting or task option.
-    """
-    options = _options.get(task.name)
-    if options is None:
-        options = _options[task.name] = resolve(task.app.conf, task)
-    return options
 
 
 def check_app(app: Any) -> dict[str, HeartbeatOptions]:
@@ -208,9 +200,16 @@ def startup_warnings(app: Any, found: dict[str, HeartbeatOptions]) -> Iterable[s
 
 
 def _on_task_prerun(task: Any = None, task_id: str = "", **_: Any) -> None:
+    # The hot path: a task whose options are cached pays for a few dict lookups, one
+    # lock and one small object.
     try:
-        options = _options.get(task.name) or options_for(task)
-        if not options.enabled or not _serves(task.app):
+        options = _options.get(task.name)
+        if options is None:
+            options = DISABLED
+            if _serves(task.app):
+                options = resolve(task.app.conf, task)
+            _options[task.name] = options
+        if not options.enabled:
             return
         request = task.request
         if request.is_eager:
@@ -231,11 +230,11 @@ def _on_task_prerun(task: Any = None, task_id: str = "", **_: Any) -> None:
             return
         if not task.acks_late:
             return  # its message is already deleted; warned at worker start
-        sidecar = _sidecar or ensure_sidecar(task.app)
+        sidecar = _sidecar if _sidecar is not None else ensure_sidecar(task.app)
         if sidecar is not None and sidecar.start(
-            receipt_handle, queue_url, options, task_name=task.name, task_id=task_id
+            receipt_handle, queue_url, options, task.name, task_id
         ):
-            request.__dict__[REQUEST_ATTRIBUTE] = receipt_handle
+            _running[get_ident(), task_id] = receipt_handle
     except ConfigurationError as exc:
         _options[task.name] = DISABLED
         logger.error("%s; task %s runs without a heartbeat.", exc, task.name)
@@ -248,9 +247,9 @@ def _on_task_prerun(task: Any = None, task_id: str = "", **_: Any) -> None:
         )
 
 
-def _on_task_postrun(task: Any = None, **_: Any) -> None:
+def _on_task_postrun(task_id: str = "", **_: Any) -> None:
     try:
-        receipt_handle = task.request.__dict__.pop(REQUEST_ATTRIBUTE, None)
+        receipt_handle = _running.pop((get_ident(), task_id), None)
         if receipt_handle is not None and _sidecar is not None:
             _sidecar.stop(receipt_handle)
     except Exception:
@@ -302,6 +301,7 @@ def connect(app: Any | None) -> None:
         _apps = None
     elif _apps is not None:
         _apps.add(app)
+    _options.clear()  # options cache which apps are served
     for signal, handler in _HANDLERS:
         signal.connect(handler, weak=False, dispatch_uid=f"celery_sqs_heartbeat.{handler.__name__}")
 

@@ -9,7 +9,8 @@ import pytest
 
 from celery_sqs_heartbeat._errors import Failure
 from celery_sqs_heartbeat._schedule import (
-    MAX_BATCH,
+    COMPACT_MIN_STALE,
+    FIRST_BEAT_WINDOW,
     RECEIPT_ALLOWANCE,
     Ended,
     Heartbeat,
@@ -21,11 +22,14 @@ from celery_sqs_heartbeat._settings import MAX_VISIBILITY_SECONDS, HeartbeatOpti
 pytestmark = pytest.mark.timeout(30)
 
 OPTIONS = HeartbeatOptions(enabled=True, interval=30, visibility_timeout=120, max_duration=None)
+#: When a task started at 0 sends its first beat, alone: one interval, plus the window in
+#: which first beats wait for company.
+FIRST = 30 + FIRST_BEAT_WINDOW
 
 
 def make(rh: str = "rh", queue: str = "q", *, now: float = 0.0, **changes: object) -> Heartbeat:
     options = dataclasses.replace(OPTIONS, **changes)  # type: ignore[arg-type]
-    return Heartbeat.create(rh, queue, options, now=now)
+    return Heartbeat(rh, queue, options, now)
 
 
 def settle_all(schedule: Schedule, plan: Plan, now: float, failure: Failure | None = None) -> None:
@@ -42,6 +46,7 @@ def test_no_beat_before_one_interval() -> None:
     s = Schedule()
     s.add(make())
     assert s.plan(29.999).requests == []
+    assert s.next_due() == FIRST
     assert s.remove("rh") is not None
     assert s.plan(1000).requests == []
 
@@ -50,20 +55,40 @@ def test_beats_every_interval_with_the_configured_visibility() -> None:
     s = Schedule()
     s.add(make())
     sent = []
-    for now in (30.0, 45.0, 60.0, 89.0, 90.0):
+    for now in (30.0, FIRST, 45.0, 60.0, 89.0, 90.0):
         plan = s.plan(now)
         sent += [(now, e.visibility_timeout) for r in plan.requests for e in r.entries]
         settle_all(s, plan, now)
-    assert sent == [(30.0, 120), (60.0, 120), (90.0, 120)]
+    assert sent == [(FIRST, 120), (60.0, 120), (90.0, 120)]
     assert s.next_due() == 120.0
 
 
 def test_a_late_beat_keeps_the_cadence() -> None:
-    """Sending 50 ms late (the batch window) does not push later beats back."""
+    """Sending a first beat late (its window, the batch window) does not push later
+    beats back."""
     s = Schedule()
     s.add(make())
-    settle_all(s, s.plan(30.05), 30.05)
+    settle_all(s, s.plan(FIRST + 0.05), FIRST + 0.05)
     assert s.next_due() == 60.0
+
+
+def test_first_beats_due_together_wait_for_each_other() -> None:
+    """First beats of tasks started within the window share one request."""
+    s = Schedule()
+    for i in range(10):
+        s.add(make(f"t{i}", now=i * 0.01))
+    assert s.plan(30.05).requests == []  # the first is due, but waits for company
+    plan = s.plan(FIRST)
+    assert [len(r.entries) for r in plan.requests] == [10]
+
+
+def test_a_request_to_the_queue_takes_due_first_beats_along() -> None:
+    s = Schedule()
+    s.add(make("old"))
+    settle_all(s, s.plan(FIRST), FIRST)  # old: next due at 60
+    s.add(make("young", now=30.0))  # first beat due at 60 too
+    plan = s.plan(60.0)
+    assert handles(plan) == [["old", "young"]]
 
 
 def test_beats_due_together_share_requests_of_at_most_ten() -> None:
@@ -72,7 +97,7 @@ def test_beats_due_together_share_requests_of_at_most_ten() -> None:
         s.add(make(f"a{i}", "qa"))
     for i in range(3):
         s.add(make(f"b{i}", "qb"))
-    plan = s.plan(30.0)
+    plan = s.plan(FIRST)
     sizes = sorted((r.queue_url, len(r.entries)) for r in plan.requests)
     assert sizes == [("qa", 5), ("qa", 10), ("qa", 10), ("qb", 3)]
     assert all(
@@ -84,10 +109,10 @@ def test_beats_due_together_share_requests_of_at_most_ten() -> None:
 def test_free_places_carry_beats_due_soon_but_never_a_first_beat() -> None:
     s = Schedule()
     s.add(make("old", now=0.0))
-    settle_all(s, s.plan(30.0), 30.0)  # old: next due at 60
+    settle_all(s, s.plan(FIRST), FIRST)  # old: next due at 60
     s.add(make("new", now=35.0))  # first beat due at 65
     s.add(make("due", now=20.0))  # first beat due at 50
-    plan = s.plan(50.0)
+    plan = s.plan(50.0 + FIRST_BEAT_WINDOW)
     # "old" is due within half an interval and rides along; "new" is a first beat.
     assert handles(plan) == [["due", "old"]]
 
@@ -117,7 +142,7 @@ def test_never_asks_past_twelve_hours_from_receipt() -> None:
 def test_max_duration_ends_the_heartbeat() -> None:
     s = Schedule()
     s.add(make(max_duration=100))
-    for now in (30.0, 60.0, 90.0):
+    for now in (FIRST, 60.0, 90.0):
         settle_all(s, s.plan(now), now)
     plan = s.plan(120.0)
     assert plan.requests == []
@@ -132,8 +157,8 @@ def test_max_duration_ends_the_heartbeat() -> None:
 def test_final_failures_end_the_heartbeat(failure: Failure, ended: Ended) -> None:
     s = Schedule()
     s.add(make())
-    plan = s.plan(30.0)
-    [result] = s.settle(plan.requests[0], [failure], 30.1)
+    plan = s.plan(FIRST)
+    [result] = s.settle(plan.requests[0], [failure], FIRST)
     assert result.heartbeat.ended is ended
     assert len(s) == 0 and s.next_due() == math.inf
 
@@ -141,7 +166,8 @@ def test_final_failures_end_the_heartbeat(failure: Failure, ended: Ended) -> Non
 def test_transient_failures_retry_with_backoff_until_the_visibility_runs_out() -> None:
     s = Schedule(jitter=lambda: 1.0)
     s.add(make(interval=10, visibility_timeout=30))
-    settle_all(s, s.plan(10.0), 10.0)  # hidden until 40
+    first = 10 + FIRST_BEAT_WINDOW
+    settle_all(s, s.plan(first), first)  # hidden until 40.15
     now, delays = 20.0, []
     while True:
         plan = s.plan(now)
@@ -154,16 +180,18 @@ def test_transient_failures_retry_with_backoff_until_the_visibility_runs_out() -
         now += result.retry_in
     assert delays[:3] == [0.25, 0.5, 1.0]
     assert max(delays) == 5.0  # half the interval
-    assert now < 40.0
+    assert now < 40.0 + FIRST_BEAT_WINDOW
 
 
 def test_a_retry_that_succeeds_resumes_the_schedule() -> None:
     s = Schedule(jitter=lambda: 0.0)
     s.add(make(interval=10, visibility_timeout=30))
-    plan = s.plan(10.0)
-    [result] = s.settle(plan.requests[0], [Failure.TRANSIENT], 10.0)
+    first = 10 + FIRST_BEAT_WINDOW
+    plan = s.plan(first)
+    [result] = s.settle(plan.requests[0], [Failure.TRANSIENT], first)
     assert result.retry_in == 0.125
-    settle_all(s, s.plan(10.125), 10.125)
+    assert s.next_due() == first + 0.125  # a retried first beat waits for no one
+    settle_all(s, s.plan(first + 0.125), first + 0.125)
     assert s.next_due() == 20.0
 
 
@@ -171,7 +199,7 @@ def test_stop_while_in_flight_drops_the_result() -> None:
     """A heartbeat removed while its call is in flight is never scheduled again."""
     s = Schedule()
     s.add(make())
-    plan = s.plan(30.0)
+    plan = s.plan(FIRST)
     assert plan.requests[0].entries[0].heartbeat.in_flight
     stopped = s.remove("rh")
     assert stopped is not None and stopped.stopped
@@ -197,5 +225,5 @@ def test_many_short_tasks_leave_nothing_behind() -> None:
             s.plan(i * 0.001)
     s.plan(10.0)
     assert len(s) == 0
-    assert sum(len(h) for h in s._heaps.values()) <= 4 * MAX_BATCH
+    assert sum(len(h) for h in s._heaps.values()) <= COMPACT_MIN_STALE
     assert s.next_due() == math.inf

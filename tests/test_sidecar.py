@@ -3,6 +3,7 @@ stop guarantees (a client that blocks on demand)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
+from celery_sqs_heartbeat._schedule import FIRST_BEAT_WINDOW
 from celery_sqs_heartbeat._settings import HeartbeatOptions
 from celery_sqs_heartbeat._sidecar import THREAD_NAME, Sidecar
 from celery_sqs_heartbeat.testing import wait_for
@@ -129,7 +131,7 @@ def test_batch_entries_fail_one_by_one(
     sidecar._clock = lambda: clock[0]
     sidecar.start("a", QUEUE, options)
     sidecar.start("b", QUEUE, options)
-    clock[0] = 10.0
+    clock[0] = 10.0 + FIRST_BEAT_WINDOW
     sidecar._step()
 
     assert len(sidecar) == 1  # "b" was gone, "a" beats on
@@ -179,3 +181,56 @@ def test_an_unexpected_error_never_escapes(
     wait_for(lambda: any(r.exc_info for r in caplog.records), timeout=5, what="a traceback")
     assert sidecar.running
     assert sidecar.stop("rh") is not None
+
+
+def test_signals_and_stats_follow_each_event(
+    stubbed: tuple[Any, Stubber], sidecars: list[Sidecar]
+) -> None:
+    """Our own signals fire for start, beat, failure, loss and stop; stats count them."""
+    from celery_sqs_heartbeat import signals
+
+    client, stubber = stubbed
+    expect_beat(stubber, "rh-ok")
+    stubber.add_client_error("change_message_visibility", "RequestThrottled", "slow", 400)
+    stubber.add_client_error("change_message_visibility", "ReceiptHandleIsInvalid", "gone", 400)
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    def receiver(name: str, sender: object = None, **kw: Any) -> None:
+        seen.append((name, kw))
+
+    receivers = {name: functools.partial(receiver, name) for name in signals.__all__}
+    for name, receiver in receivers.items():
+        getattr(signals, name).connect(receiver, weak=False)
+    try:
+        sidecar = start(sidecars, client)
+        # A long interval, so that its next beat cannot take the stubbed errors below.
+        sidecar.start("rh-ok", QUEUE, HeartbeatOptions(True, 0.5, 5, None), "t", "1")
+        wait_for(lambda: any(n == "beat_sent" for n, _ in seen), timeout=5, what="a beat")
+        sidecar.stop("rh-ok")
+        sidecar.start("rh-gone", QUEUE, FAST, "t", "2")
+        wait_for(lambda: any(n == "message_lost" for n, _ in seen), timeout=5, what="a loss")
+    finally:
+        for name, receiver in receivers.items():
+            getattr(signals, name).disconnect(receiver)
+
+    names = [n for n, _ in seen]
+    assert names == [
+        "heartbeat_started",
+        "beat_sent",
+        "heartbeat_stopped",
+        "heartbeat_started",
+        "beat_failed",
+        "beat_failed",
+        "message_lost",
+        "heartbeat_stopped",
+    ], names
+    sent = dict(seen)["beat_sent"]
+    assert sent["receipt_handle"] == "rh-ok" and sent["beats"] == 1 and sent["lateness"] >= 0
+    assert [kw["failure"] for n, kw in seen if n == "beat_failed"] == ["transient", "gone"]
+    assert [kw["reason"] for n, kw in seen if n == "heartbeat_stopped"] == [
+        "task ended",
+        "message gone",
+    ]
+    stats = sidecar.stats()
+    assert (stats.active, stats.started, stats.stopped, stats.beats_sent) == (0, 2, 2, 1)
+    assert stats.failures == {"transient": 1, "gone": 1} and stats.messages_lost == 1

@@ -12,6 +12,7 @@ from celery import Celery, signals
 
 import celery_sqs_heartbeat
 from celery_sqs_heartbeat import _worker
+from celery_sqs_heartbeat._schedule import COMPACT_MIN_STALE
 from celery_sqs_heartbeat._sidecar import THREAD_NAME
 
 pytestmark = pytest.mark.timeout(60)
@@ -62,7 +63,7 @@ def test_ten_thousand_short_tasks_leave_nothing_behind(app: Celery) -> None:
 
     assert len(sidecar) == 0
     assert threading.active_count() == threads and heartbeat_threads() == 1
-    assert sum(len(h) for h in sidecar._schedule._heaps.values()) <= 100
+    assert sum(len(h) for h in sidecar._schedule._heaps.values()) <= COMPACT_MIN_STALE
 
 
 def test_a_running_task_has_a_heartbeat_until_postrun(app: Celery) -> None:

@@ -1,0 +1,1 @@
+"""`make bench`: what the heartbeat costs, measured side by side with its baselines."""

@@ -1,0 +1,260 @@
+"""Figures 2-4: real ``celery worker`` processes against moto's server on loopback.
+
+2. Throughput of no-op tasks, heartbeat on vs off, arms alternated (ABBA).
+3. SQS requests the heartbeat makes for 50 concurrent long tasks in one threads worker.
+4. Punctuality of beats while tasks spin on the CPU in pure Python.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from celery_sqs_heartbeat.testing import FAKE_AWS_ENV, SQSServer, WorkerProcess, wait_for
+
+from ._stats import median, percentile
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TRANSPORT = {"wait_time_seconds": 1, "polling_interval": 0.1}
+
+
+class Bench:
+    def __init__(self, sqs: SQSServer) -> None:
+        self.sqs = sqs
+        self.tmp = Path(tempfile.mkdtemp(prefix="sqs-heartbeat-bench-"))
+
+    def worker(
+        self, conf: dict[str, Any], pool: str, concurrency: int, events: Path | None = None
+    ) -> WorkerProcess:
+        env = {
+            **FAKE_AWS_ENV,
+            "BENCH_BROKER_URL": self.sqs.broker_url,
+            "BENCH_CONFIG": json.dumps(conf),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path]),
+        }
+        if events is not None:
+            env["BENCH_EVENTS"] = str(events)
+        name = f"b{uuid.uuid4().hex[:6]}"
+        return WorkerProcess(
+            "benchmarks.bench_tasks",
+            pool=pool,
+            concurrency=concurrency,
+            name=name,
+            env=env,
+            cwd=ROOT,
+            log_path=self.tmp / f"{name}.log",
+            loglevel="INFO",
+        )
+
+    def sender(self, conf: dict[str, Any]) -> Celery:
+        app = Celery("bench-sender", broker=self.sqs.broker_url)
+        app.conf.update(conf)
+        return app
+
+    def queue_requests(self, queue: str, *actions: str) -> list[Any]:
+        tail = f"/{queue}"
+        return [
+            r
+            for r in self.sqs.requests(*actions)
+            if str(r.params.get("QueueUrl", "")).endswith(tail)
+        ]
+
+
+def _conf(queue: str, heartbeat: bool, **extra: Any) -> dict[str, Any]:
+    return {
+        "task_default_queue": queue,
+        "task_acks_late": True,
+        "sqs_heartbeat_enabled": heartbeat,
+        "broker_transport_options": {**TRANSPORT, "visibility_timeout": 60},
+        **extra,
+    }
+
+
+# -- figure 2 -----------------------------------------------------------------------
+
+
+def _throughput_once(
+    bench: Bench, pool: str, concurrency: int, heartbeat: bool, tasks: int
+) -> float:
+    queue = f"tp-{uuid.uuid4().hex[:8]}"
+    conf = _conf(queue, heartbeat)
+    sender = bench.sender(conf)
+    with sender.producer_or_acquire() as producer:
+        for _ in range(tasks):
+            sender.send_task("benchmarks.bench_tasks.noop", queue=queue, producer=producer)
+    worker = bench.worker(conf, pool, concurrency).start()
+    try:
+        deletes = wait_for(
+            lambda: d if len(d := bench.queue_requests(queue, "DeleteMessage")) >= tasks else None,
+            timeout=300,
+            interval=0.25,
+            what=f"{tasks} tasks to be acknowledged",
+        )
+    finally:
+        worker.stop()
+    times = sorted(r.at for r in deletes)
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def throughput(bench: Bench, tasks: int = 2000) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for pool, concurrency in (("prefork", 2), ("threads", 8)):
+        rates: dict[bool, list[float]] = {True: [], False: []}
+        for heartbeat in (False, True, True, False):  # ABBA: drift hits both arms alike
+            rates[heartbeat].append(_throughput_once(bench, pool, concurrency, heartbeat, tasks))
+        on, off = median(rates[True]), median(rates[False])
+        results[f"{pool} -c {concurrency}"] = {
+            "on": rates[True],
+            "off": rates[False],
+            "ratio": on / off,
+        }
+    return results
+
+
+# -- figure 3 -----------------------------------------------------------------------
+
+
+def sqs_calls(
+    bench: Bench, tasks: int = 50, intervals: int = 10, interval: float = 1.0
+) -> dict[str, Any]:
+    queue = f"calls-{uuid.uuid4().hex[:8]}"
+    conf = _conf(
+        queue,
+        True,
+        worker_prefetch_multiplier=1,
+        sqs_heartbeat_interval=interval,
+        sqs_heartbeat_visibility_timeout=5,
+    )
+    events = bench.tmp / f"{queue}.jsonl"
+    worker = bench.worker(conf, "threads", tasks, events).start().wait_ready(60)
+    try:
+        sender = bench.sender(conf)
+        with sender.producer_or_acquire() as producer:
+            for _ in range(tasks):
+                sender.send_task(
+                    "benchmarks.bench_tasks.sleep",
+                    args=[(intervals + 1.5) * interval],
+                    queue=queue,
+                    producer=producer,
+                )
+        wait_for(lambda: _count(events, "start") >= tasks, timeout=60, what="all tasks to start")
+        started = time.time()
+        time.sleep(interval * (intervals + 1))
+        wait_for(
+            lambda: len(bench.queue_requests(queue, "DeleteMessage")) >= tasks,
+            timeout=60,
+            what="all tasks to end",
+        )
+    finally:
+        worker.stop()
+    beats = bench.queue_requests(queue, "ChangeMessageVisibility", "ChangeMessageVisibilityBatch")
+    window = [r for r in beats if started <= r.at < started + intervals * interval]
+    per_interval = [
+        sum(1 for r in window if started + i * interval <= r.at < started + (i + 1) * interval)
+        for i in range(intervals)
+    ]
+    entries = sum(len(r.receipt_handles) for r in window)
+    naive = tasks * intervals
+    return {
+        "tasks": tasks,
+        "intervals": intervals,
+        "requests": len(window),
+        "entries": entries,
+        "naive_requests": naive,
+        "per_interval": per_interval,
+        "max_per_interval": max(per_interval),
+        "target_per_interval": math.ceil(tasks / 10),
+        "fewer": naive / len(window) if window else math.inf,
+    }
+
+
+# -- figure 4 -----------------------------------------------------------------------
+
+
+def _wait_acked(bench: Bench, queue: str, tasks: int, timeout: float) -> None:
+    wait_for(
+        lambda: len(bench.queue_requests(queue, "DeleteMessage")) >= tasks,
+        timeout=timeout,
+        what=f"{tasks} tasks to be acknowledged",
+    )
+
+
+def _count(path: Path, event: str) -> int:
+    if not path.exists():
+        return 0
+    return sum(json.loads(line)["event"] == event for line in path.read_text().splitlines())
+
+
+def punctuality(bench: Bench, seconds: float = 10.0) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for pool, spinning in (("threads", 1), ("threads", 4), ("threads", 8), ("prefork", 1)):
+        queue = f"punct-{uuid.uuid4().hex[:8]}"
+        conf = _conf(
+            queue,
+            True,
+            worker_prefetch_multiplier=1,
+            sqs_heartbeat_interval=1.0,
+            sqs_heartbeat_visibility_timeout=5,
+        )
+        conf["broker_transport_options"]["visibility_timeout"] = 3
+        events = bench.tmp / f"{queue}.jsonl"
+        concurrency = spinning + 1 if pool == "threads" else spinning
+        worker = bench.worker(conf, pool, concurrency, events).start().wait_ready(60)
+        try:
+            sender = bench.sender(conf)
+            for _ in range(spinning):
+                sender.send_task("benchmarks.bench_tasks.spin", args=[seconds], queue=queue)
+            _wait_acked(bench, queue, spinning, timeout=seconds + 60)
+        finally:
+            worker.stop()
+        records = [json.loads(line) for line in events.read_text().splitlines()]
+        lateness = [r["lateness"] * 1000 for r in records if r["event"] == "beat"]
+        first = [r["lateness"] * 1000 for r in records if r["event"] == "beat" and r["beat"] == 1]
+        results[f"{pool}, {spinning} spinning"] = {
+            "beats": len(lateness),
+            "p50_ms": percentile(lateness, 50),
+            "p99_ms": percentile(lateness, 99),
+            "max_ms": max(lateness) if lateness else math.nan,
+            "first_beat_max_ms": max(first) if first else math.nan,
+            "runs": sum(r["event"] == "start" for r in records),
+            "tasks": spinning,
+            "lost": sum(r["event"] == "lost" for r in records),
+        }
+    return results
+
+
+def run() -> dict[str, Any]:
+    os.environ.update(FAKE_AWS_ENV)
+    with SQSServer() as sqs:
+        bench = Bench(sqs)
+        return {
+            "throughput": throughput(bench),
+            "calls": sqs_calls(bench),
+            "punctuality": punctuality(bench),
+        }
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("figure", choices=["throughput", "calls", "punctuality"])
+    args = parser.parse_args()
+    os.environ.update(FAKE_AWS_ENV)
+    with SQSServer() as server:
+        print(
+            json.dumps(
+                globals()[args.figure if args.figure != "calls" else "sqs_calls"](Bench(server)),
+                indent=2,
+            )
+        )

@@ -1,0 +1,56 @@
+"""Signals the heartbeat sends, in the style of :mod:`celery.signals`.
+
+Connect metrics to them::
+
+    from celery_sqs_heartbeat import signals
+
+    @signals.beat_sent.connect
+    def on_beat(lateness, **kwargs):
+        BEAT_LATENESS.observe(lateness)
+
+``heartbeat_started`` and ``heartbeat_stopped`` are sent from the thread that runs the
+task (keep receivers quick: they add to every task); the others from the heartbeat's own
+thread. Every signal carries ``task_name``, ``task_id``, ``receipt_handle`` and
+``queue_url``. A receiver that raises is logged by Celery and does not affect the beat.
+"""
+
+from __future__ import annotations
+
+from celery.utils.dispatch import Signal
+
+__all__ = [
+    "beat_failed",
+    "beat_sent",
+    "heartbeat_started",
+    "heartbeat_stopped",
+    "message_lost",
+]
+
+_COMMON = {"task_name", "task_id", "receipt_handle", "queue_url"}
+
+#: A task's heartbeat began (at ``task_prerun``). Also: ``interval``,
+#: ``visibility_timeout``.
+heartbeat_started = Signal(
+    name="sqs_heartbeat_started", providing_args=_COMMON | {"interval", "visibility_timeout"}
+)
+#: SQS accepted a beat. Also: ``beats`` (count so far), ``visibility_timeout`` (asked),
+#: ``lateness`` (seconds from the beat's due time to SQS's answer).
+beat_sent = Signal(
+    name="sqs_heartbeat_beat_sent",
+    providing_args=_COMMON | {"beats", "visibility_timeout", "lateness"},
+)
+#: A beat failed. Also: ``failure`` (``"transient"``, ``"gone"``, ``"denied"``,
+#: ``"limit"`` or ``"unknown"``), ``detail``, ``retry_in`` (seconds, or None when the
+#: heartbeat ends).
+beat_failed = Signal(
+    name="sqs_heartbeat_beat_failed",
+    providing_args=_COMMON | {"failure", "detail", "retry_in"},
+)
+#: The heartbeat can no longer keep the message (gone, denied, lost, limits): it may run
+#: again elsewhere. Also: ``reason``.
+message_lost = Signal(name="sqs_heartbeat_message_lost", providing_args=_COMMON | {"reason"})
+#: A heartbeat ended. Also: ``reason`` (``"task ended"`` or why it stopped early) and
+#: ``beats``.
+heartbeat_stopped = Signal(
+    name="sqs_heartbeat_stopped", providing_args=_COMMON | {"reason", "beats"}
+)
