@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test unit integration lint typecheck demo clean
+.PHONY: help venv test unit integration lint typecheck demo bench clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -31,13 +31,16 @@ integration: $(STAMP)  ## Real celery workers against moto's SQS server on loopb
 	$(BIN)/python -m pytest -m integration
 
 lint: $(STAMP)  ## ruff
-	$(BIN)/ruff check celery_sqs_heartbeat tests examples
+	$(BIN)/ruff check celery_sqs_heartbeat tests examples benchmarks
 
 typecheck: $(STAMP)  ## mypy --strict on the package
 	$(BIN)/mypy
 
 demo: $(STAMP)  ## Two workers on an embedded SQS: a long task runs twice without the heartbeat, once with it
 	$(BIN)/python examples/demo.py
+
+bench: $(STAMP)  ## Measure what the heartbeat costs (~6 min); writes docs/performance.md
+	$(BIN)/python -m benchmarks.run
 
 clean:  ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
