@@ -6,14 +6,15 @@ timing rules testable with a fake clock, and leaves all locking to the sidecar.
 
 The rules:
 
-* The first beat of a message comes one interval after its task started, so a task
-  shorter than one interval makes no SQS call.
+* The first beat of a message comes one interval after its task started (never earlier,
+  so a task shorter than one interval makes no SQS call; up to
+  :data:`FIRST_BEAT_WINDOW` later, to share a request with other first beats).
 * A beat asks SQS to keep the message hidden for ``visibility_timeout`` seconds from
   now; the next one is due one interval after the beat's due time (see ``_next_due``).
 * Beats for one queue that fall due together go in one request of up to
   :data:`MAX_BATCH` entries. Free places in such a request are filled with beats of
-  the same queue that are due within half an interval anyway (never a first beat), so
-  long-running tasks of a busy worker settle into shared requests.
+  the same queue that are due within half an interval anyway (never a first beat that is
+  not yet due), so long-running tasks of a busy worker settle into shared requests.
 * A message is never asked to stay hidden past SQS's 12-hour limit from receipt, nor
   beaten past the task's ``max_duration``.
 * A transient failure is retried with jittered exponential backoff while the message's

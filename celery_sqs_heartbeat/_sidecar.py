@@ -2,8 +2,8 @@
 
 Tasks only touch a dict under a lock (:meth:`Sidecar.start` / :meth:`Sidecar.stop`);
 the thread sleeps until the next beat is due, sends the requests the schedule plans,
-and settles their results. SQS errors are classified and logged here, once, and never
-reach a task.
+and settles their results. SQS errors are classified here and reported (logs, signals,
+stats) by ``_report``; none ever reaches a task.
 
 ``stop`` is final: once it returns, no beat for that message will be sent. A call
 already in flight for it is waited for (bounded by the client's time-out), so a beat

@@ -76,7 +76,7 @@ def current_sidecar() -> Sidecar | None:
     return _sidecar
 
 
-def ensure_sidecar(app: Any, *, warm: bool = True) -> Sidecar | None:
+def ensure_sidecar(app: Any) -> Sidecar | None:
     """This process's running sidecar, made on first use; None when the broker is not SQS."""
     global _sidecar
     sidecar = _sidecar
@@ -93,10 +93,9 @@ def ensure_sidecar(app: Any, *, warm: bool = True) -> Sidecar | None:
             or resolve(app.conf).interval
         )
         clients = Clients(broker, timeout=call_timeout(smallest))
-        if warm:
-            # Made now, before any task runs: building a client is ~100 ms of Python
-            # that a CPU-bound task would slow down many times over.
-            clients.warm_up()
+        # Made now, before any task runs: building a client is ~100 ms of Python that a
+        # CPU-bound task would slow down many times over.
+        clients.warm_up()
         sidecar = Sidecar(
             clients.for_queue, call_timeout=clients.timeout, region=lambda: clients.region
         )
