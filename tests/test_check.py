@@ -1,0 +1,143 @@
+"""`celery sqs-heartbeat check` against moto's server, and its permission probe."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+
+from celery_sqs_heartbeat._check import PROBE_RECEIPT_HANDLE, _probe
+from celery_sqs_heartbeat.testing import SQSServer
+
+from .conftest import TESTS, Scenario
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def run_check(scenario: Scenario, conf: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    worker = scenario.worker(conf, start=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker_app", "sqs-heartbeat", "check", "--json"],
+        env=worker.env,
+        cwd=TESTS,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result.returncode, json.loads(result.stdout)
+
+
+@pytest.mark.integration
+def test_a_good_setup_passes(scenario: Scenario, sqs: SQSServer) -> None:
+    client = sqs.client()
+    dlq = client.create_queue(QueueName=f"{scenario.queue}-dlq")["QueueUrl"]
+    dlq_arn = client.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    client.create_queue(
+        QueueName=scenario.queue,
+        Attributes={
+            "VisibilityTimeout": "60",
+            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 5}),
+        },
+    )
+    conf = scenario.config(
+        queue_timeout=60, heartbeat=True, interval=5, visibility=20, worker_prefetch_multiplier=1
+    )
+
+    status, report = run_check(scenario, conf)
+
+    assert status == 0, report["problems"]
+    (queue,) = report["queues"]
+    assert queue["name"] == scenario.queue and queue["exists"]
+    assert (queue["visibility_timeout"], queue["max_receive_count"]) == (60, 5)
+    assert queue["permission"] == "allowed" and not queue["fifo"]
+    sleep = next(t for t in report["tasks"] if t["task"] == "worker_app.sleep")
+    assert sleep["queue"] == scenario.queue and sleep["acks_late"]
+
+
+@pytest.mark.integration
+def test_misconfigurations_are_problems(scenario: Scenario, sqs: SQSServer) -> None:
+    """A queue whose timeout runs out before the first beat, a prefetching worker, and a
+    heartbeat-enabled task without acks_late each make the check fail."""
+    client = sqs.client()
+    short = f"{scenario.queue}-short"
+    client.create_queue(QueueName=scenario.queue, Attributes={"VisibilityTimeout": "60"})
+    client.create_queue(QueueName=short, Attributes={"VisibilityTimeout": "2"})
+    conf = scenario.config(
+        queue_timeout=60,
+        heartbeat=True,
+        interval=5,
+        visibility=20,
+        worker_prefetch_multiplier=4,
+        task_routes={"worker_app.plain": {"queue": short}},
+        task_annotations={"worker_app.fail": {"acks_late": False}},
+    )
+
+    status, report = run_check(scenario, conf)
+
+    assert status == 1
+    problems = "\n".join(report["problems"])
+    assert f"queue {short} hides a message for 2 s" in problems
+    assert "worker_prefetch_multiplier=4" in problems
+    assert "worker_app.fail" in problems and "acks_late" in problems
+    assert f"queue {scenario.queue} hides" not in problems
+
+
+@pytest.mark.integration
+def test_a_queue_not_created_yet_is_judged_by_kombus_timeout(scenario: Scenario) -> None:
+    conf = scenario.config(
+        queue_timeout=3, heartbeat=True, interval=5, visibility=20, worker_prefetch_multiplier=1
+    )
+    status, report = run_check(scenario, conf)
+    assert status == 1
+    assert any("does not exist yet" in n for n in report["notes"])
+    assert any("created with a visibility timeout of 3 s" in p for p in report["problems"])
+
+
+def test_a_non_sqs_broker_fails_the_check(scenario: Scenario) -> None:
+    conf = {"sqs_heartbeat_enabled": True}
+    worker = scenario.worker(conf, start=False, broker_url="memory://")
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker_app", "sqs-heartbeat", "check"],
+        env=worker.env,
+        cwd=TESTS,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "is not SQS" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "expected"),
+    [
+        ("AccessDenied", 403, "denied"),
+        ("ReceiptHandleIsInvalid", 400, "allowed"),
+        ("InvalidParameterValue", 400, "unknown"),
+    ],
+)
+def test_permission_probe_touches_no_message(code: str, status: int, expected: str) -> None:
+    client = boto3.client(
+        "sqs", region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s"
+    )
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/jobs"
+    with Stubber(client) as stubber:
+        stubber.add_client_error(
+            "change_message_visibility",
+            code,
+            "no",
+            status,
+            expected_params={
+                "QueueUrl": url,
+                "ReceiptHandle": PROBE_RECEIPT_HANDLE,
+                "VisibilityTimeout": 30,
+            },
+        )
+        assert _probe(client, url).startswith(expected)
