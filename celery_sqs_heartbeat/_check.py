@@ -8,6 +8,7 @@ with ``AccessDenied`` when it is not.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,7 +16,7 @@ from ._client import BrokerInfo, Clients, call_timeout
 from ._errors import Failure, classify_exception, queue_arn
 from ._schedule import FIRST_BEAT_WINDOW
 from ._settings import ConfigurationError, HeartbeatOptions
-from ._worker import check_app
+from ._worker import check_app, shortest_interval, task_rows
 
 #: A well-formed receipt handle no message can have, for the permission probe.
 PROBE_RECEIPT_HANDLE = "celery-sqs-heartbeat-permission-probe"
@@ -71,37 +72,24 @@ def check(app: Any) -> Report:
         "predefined_queues": sorted(transport.get("predefined_queues") or {}),
         "visibility_timeout": transport.get("visibility_timeout"),
     }
+    report.tasks = task_rows(app, options)
     queues: dict[str, QueueReport] = {}
-    for name, opts in options.items():
-        if name.startswith("celery."):
+    for row in report.tasks:
+        if not row["enabled"]:
             continue
-        task = app.tasks[name]
-        queue = app.amqp.router.route({}, name)["queue"].name
-        report.tasks.append(
-            {
-                "task": name,
-                "enabled": opts.enabled,
-                "interval": opts.interval,
-                "visibility_timeout": opts.visibility_timeout,
-                "max_duration": opts.max_duration,
-                "acks_late": bool(task.acks_late),
-                "queue": queue,
-            }
-        )
-        if opts.enabled:
-            q = queues.setdefault(queue, QueueReport(queue))
-            q.tasks.append(name)
-            first = opts.interval + FIRST_BEAT_WINDOW
-            q.first_beat = first if q.first_beat is None else max(q.first_beat, first)
-            if not task.acks_late:
-                report.problems.append(
-                    f"task {name} has the heartbeat on but not acks_late: its message is "
-                    "deleted before it runs"
-                )
+        q = queues.setdefault(row["queue"], QueueReport(row["queue"]))
+        q.tasks.append(row["task"])
+        first = row["interval"] + FIRST_BEAT_WINDOW
+        q.first_beat = first if q.first_beat is None else max(q.first_beat, first)
+        if not row["acks_late"]:
+            report.problems.append(
+                f"task {row['task']} has the heartbeat on but not acks_late: its message is "
+                "deleted before it runs"
+            )
     if not queues:
         report.notes.append("no task has the heartbeat enabled (sqs_heartbeat_enabled)")
     enabled = [o for o in options.values() if o.enabled]
-    clients = Clients(broker, timeout=call_timeout(min((o.interval for o in enabled), default=30)))
+    clients = Clients(broker, timeout=call_timeout(shortest_interval(app)))
     for q in queues.values():
         _check_queue(q, broker, clients, report)
     report.queues = list(queues.values())
@@ -154,8 +142,6 @@ def _check_queue(q: QueueReport, broker: BrokerInfo, clients: Clients, report: R
         q.fifo = attributes.get("FifoQueue") == "true"
         redrive = attributes.get("RedrivePolicy")
         if redrive:
-            import json
-
             q.max_receive_count = int(json.loads(redrive).get("maxReceiveCount", 0)) or None
         if q.first_beat is not None and q.visibility_timeout < q.first_beat:
             report.problems.append(

@@ -15,7 +15,7 @@ import click
 from celery.bin.base import handle_preload_options
 
 from . import _worker
-from ._settings import SETTINGS, ConfigurationError, raw_value
+from ._settings import ConfigurationError
 
 _worker.connect(None)
 
@@ -23,22 +23,7 @@ _COLUMNS = ("task", "enabled", "interval", "visibility_timeout", "max_duration",
 
 
 def _rows(app: Any) -> list[dict[str, Any]]:
-    options = _worker.check_app(app)
-    return [
-        {
-            "task": name,
-            "enabled": o.enabled,
-            "interval": o.interval,
-            "visibility_timeout": o.visibility_timeout,
-            "max_duration": o.max_duration,
-            "acks_late": bool(app.tasks[name].acks_late),
-            "overrides": sorted(
-                s.name for s in SETTINGS if raw_value(app.conf, app.tasks[name], s.name)[1]
-            ),
-        }
-        for name, o in options.items()
-        if not name.startswith("celery.")
-    ]
+    return _worker.task_rows(app, _worker.check_app(app))
 
 
 def _table(rows: list[dict[str, Any]], columns: tuple[str, ...] = _COLUMNS) -> str:

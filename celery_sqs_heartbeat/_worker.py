@@ -25,7 +25,7 @@ from typing import Any
 from celery import signals
 
 from ._client import BrokerInfo, Clients, call_timeout
-from ._settings import ConfigurationError, HeartbeatOptions, resolve
+from ._settings import SETTINGS, ConfigurationError, HeartbeatOptions, raw_value, resolve
 from ._sidecar import Sidecar
 
 logger = logging.getLogger("celery_sqs_heartbeat")
@@ -88,11 +88,7 @@ def ensure_sidecar(app: Any) -> Sidecar | None:
         broker = BrokerInfo.from_app(app)
         if broker is None:
             return None
-        smallest = (
-            min((o.interval for o in _options.values() if o.enabled), default=None)
-            or resolve(app.conf).interval
-        )
-        clients = Clients(broker, timeout=call_timeout(smallest))
+        clients = Clients(broker, timeout=call_timeout(shortest_interval(app)))
         # Made now, before any task runs: building a client is ~100 ms of Python that a
         # CPU-bound task would slow down many times over.
         clients.warm_up()
@@ -121,6 +117,37 @@ def check_app(app: Any) -> dict[str, HeartbeatOptions]:
     found = {name: resolve(app.conf, task) for name, task in sorted(app.tasks.items())}
     _options.update(found)
     return found
+
+
+def task_rows(app: Any, options: dict[str, HeartbeatOptions]) -> list[dict[str, Any]]:
+    """Each of the app's own tasks with its effective options, queue and overrides."""
+    rows = []
+    for name, o in options.items():
+        if name.startswith("celery."):
+            continue
+        task = app.tasks[name]
+        rows.append(
+            {
+                "task": name,
+                "enabled": o.enabled,
+                "interval": o.interval,
+                "visibility_timeout": o.visibility_timeout,
+                "max_duration": o.max_duration,
+                "acks_late": bool(task.acks_late),
+                "queue": app.amqp.router.route({}, name)["queue"].name,
+                "overrides": sorted(
+                    s.name for s in SETTINGS if raw_value(app.conf, task, s.name)[1]
+                ),
+            }
+        )
+    return rows
+
+
+def shortest_interval(app: Any) -> float:
+    """The shortest interval of the heartbeat-enabled tasks resolved so far, else the
+    app's own: the heartbeat's SQS calls time out well within it."""
+    enabled = [o.interval for o in _options.values() if o.enabled]
+    return min(enabled) if enabled else resolve(app.conf).interval
 
 
 def _enabled_tasks(found: dict[str, HeartbeatOptions]) -> list[str]:
@@ -168,7 +195,7 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
         return
     for line in startup_warnings(app, found):
         logger.warning("%s", line)
-    if _enabled_tasks(found) and BrokerInfo.from_app(app) is None:
+    if _enabled_tasks(found) and not _broker_is_sqs(app):
         logger.info(
             "celery-sqs-heartbeat: the broker is not SQS, so no heartbeat is sent; "
             "tasks run as usual."
