@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test unit integration lint typecheck demo bench clean
+.PHONY: help venv test unit integration lint typecheck docs demo bench clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)  ## Create .venv and install the package with its test tools
 
-test: lint typecheck  ## The whole suite: lint, mypy --strict, unit and integration tests
+test: lint typecheck docs  ## The whole suite: lint, mypy --strict, docs, unit and integration tests
 	$(BIN)/python -m pytest
 
 unit: $(STAMP)  ## Unit tests only (no worker processes)
@@ -36,6 +36,10 @@ lint: $(STAMP)  ## ruff
 typecheck: $(STAMP)  ## mypy --strict on the package
 	$(BIN)/mypy
 
+# Not --quiet: it hides the warnings that --strict turns into a failure.
+docs: $(STAMP)  ## Build the docs site into site/ (warnings are errors)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 demo: $(STAMP)  ## Two workers on an embedded SQS: a long task runs twice without the heartbeat, once with it
 	$(BIN)/python examples/demo.py
 
@@ -43,4 +47,4 @@ bench: $(STAMP)  ## Measure what the heartbeat costs (~6 min); writes docs/perfo
 	$(BIN)/python -m benchmarks.run
 
 clean:  ## Remove the virtual environment and caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache *.egg-info

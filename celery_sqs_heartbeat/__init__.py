@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import signals
+from ._control import TaskHeartbeat
 from ._report import Stats
 from ._settings import SETTINGS, ConfigurationError, HeartbeatOptions, Setting
 
@@ -31,7 +32,9 @@ __all__ = [
     "HeartbeatOptions",
     "Setting",
     "Stats",
+    "TaskHeartbeat",
     "__version__",
+    "current",
     "install",
     "options_for",
     "signals",
@@ -72,6 +75,32 @@ def options_for(task: Any) -> HeartbeatOptions:
     from ._settings import resolve
 
     return resolve(task.app.conf, task)
+
+
+def current() -> TaskHeartbeat | None:
+    """The heartbeat of the task running in this thread, for manual control.
+
+    None outside a task, and for a task without a heartbeat (not from SQS, heartbeat
+    off, no ``acks_late``, eager). Call it from the task's own thread::
+
+        hb = celery_sqs_heartbeat.current()
+        if hb is not None:
+            hb.extend(timedelta(minutes=20))     # once, now: the next step is slow
+            hb.configure(interval=60)            # and beat less often from now on
+    """
+    from celery import current_task
+
+    from . import _worker
+
+    task = current_task._get_current_object() if current_task else None
+    task_id = getattr(getattr(task, "request", None), "id", None)
+    if not task_id:
+        return None
+    found = _worker.running_heartbeat(task_id)
+    if found is None:
+        return None
+    sidecar, heartbeat = found
+    return TaskHeartbeat(sidecar, heartbeat)
 
 
 def stats() -> Stats:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ._client import BrokerInfo, Clients, call_timeout
 from ._errors import Failure, classify_exception, queue_arn
-from ._schedule import FIRST_BEAT_WINDOW
+from ._schedule import FIRST_BEAT_WINDOW, START_ALLOWANCE
 from ._settings import ConfigurationError, HeartbeatOptions
 from ._worker import check_app, shortest_interval, task_rows
 
@@ -79,7 +79,9 @@ def check(app: Any) -> Report:
             continue
         q = queues.setdefault(row["queue"], QueueReport(row["queue"]))
         q.tasks.append(row["task"])
-        first = row["interval"] + FIRST_BEAT_WINDOW
+        # The queue's own timeout covers a message until its task's first beat, and
+        # the moment between its receipt and its task's start.
+        first = row["interval"] + FIRST_BEAT_WINDOW + START_ALLOWANCE
         q.first_beat = first if q.first_beat is None else max(q.first_beat, first)
         if not row["acks_late"]:
             report.problems.append(
@@ -125,7 +127,7 @@ def _check_queue(q: QueueReport, broker: BrokerInfo, clients: Clients, report: R
         if q.first_beat is not None and float(timeout) < q.first_beat:
             report.problems.append(
                 f"queue {q.name} will be created with a visibility timeout of {timeout} s, "
-                f"shorter than the first beat ({q.first_beat:g} s after a task starts)"
+                f"shorter than the first beat ({q.first_beat:g} s after a message's receipt)"
             )
         return
     q.exists = True
@@ -146,7 +148,7 @@ def _check_queue(q: QueueReport, broker: BrokerInfo, clients: Clients, report: R
         if q.first_beat is not None and q.visibility_timeout < q.first_beat:
             report.problems.append(
                 f"queue {q.name} hides a message for {q.visibility_timeout} s, but its tasks' "
-                f"first beat comes {q.first_beat:g} s after they start: raise the queue's "
+                f"first beat comes up to {q.first_beat:g} s after receipt: raise the queue's "
                 "VisibilityTimeout or lower sqs_heartbeat_interval"
             )
         if q.fifo:
@@ -189,9 +191,9 @@ def _check_worker_settings(app: Any, enabled: list[HeartbeatOptions], report: Re
     if not enabled:
         return
     if conf.worker_prefetch_multiplier > 1 and not conf.get("worker_disable_prefetch"):
-        report.problems.append(
+        report.notes.append(
             f"worker_prefetch_multiplier={conf.worker_prefetch_multiplier}: prefetched "
-            "messages are not heartbeated while they wait; set it to 1"
+            "messages are beaten by the worker's main process while they wait"
         )
     if not conf.task_acks_on_failure_or_timeout:
         report.notes.append(

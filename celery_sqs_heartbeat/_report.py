@@ -93,8 +93,8 @@ class Reporter:
     ) -> None:
         """Report one entry of a request SQS answered (or failed to) at *answered*."""
         hb = result.heartbeat
-        if hb.stopped and hb.ended is None:
-            return  # its task ended while the call was in flight: nothing to report
+        if hb.stopped and hb.ended is None and result.failure is not None:
+            return  # its task ended while the call was in flight: the failure is moot
         if result.failure is None:
             self._beat_sent(result, answered)
             return
@@ -120,6 +120,45 @@ class Reporter:
                 detail,
                 result.retry_in or 0.0,
                 exc_info=error if unknown and hb.failures == 1 else None,
+            )
+
+    def extended(
+        self,
+        hb: Heartbeat,
+        seconds: int,
+        failure: Failure | None,
+        detail: str,
+        error: BaseException | None,
+    ) -> None:
+        """Report a manual extension asked by the task itself (from the task's thread)."""
+        if failure is None:
+            self._beats_sent += 1
+            if signals.beat_sent.receivers:
+                signals.beat_sent.send(
+                    sender=None,
+                    beats=hb.beats,
+                    visibility_timeout=seconds,
+                    lateness=0.0,
+                    **_common(hb),
+                )
+            return
+        self._failures[failure.value] += 1
+        if signals.beat_failed.receivers:
+            signals.beat_failed.send(
+                sender=None, failure=failure.value, detail=detail, retry_in=None, **_common(hb)
+            )
+        if hb.ended is not None:
+            self.ended(hb, detail)
+        else:
+            logger.warning(
+                "Extension of task %s[%s]'s message by %d s failed (%s: %s); its regular "
+                "beats go on.",
+                hb.task_name,
+                hb.task_id,
+                seconds,
+                failure.value,
+                detail,
+                exc_info=error if failure is Failure.UNKNOWN else None,
             )
 
     def _beat_sent(self, result: Settled, answered: float) -> None:

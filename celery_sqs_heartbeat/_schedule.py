@@ -20,6 +20,14 @@ The rules:
 * A transient failure is retried with jittered exponential backoff while the message's
   current visibility lasts. Once that visibility has run out the message may already be
   with another worker, so the heartbeat ends as *lost*.
+* A message waiting in the worker (prefetched, or held for its ETA) is beaten by the
+  process that received it, from its receipt, with a *watch* that tells when its task
+  started. Then the waiting heartbeat ends, once the task's own heartbeat (first beat
+  one interval after the start) is sure to find the message still hidden; until then
+  it beats on (see ``_handed_over``). In the process that runs the task, the task's
+  heartbeat takes the waiting one over instead, keeping its cadence.
+* A task may extend its message by hand (``extend``); the regular beats then resume
+  when the message has as much visibility left as before a regular beat.
 """
 
 from __future__ import annotations
@@ -48,6 +56,11 @@ FIRST_BEAT_WINDOW = 0.1
 #: The time between a message's receipt and its task's start is not known in the
 #: process that runs the task; this much of SQS's 12-hour budget is left unused for it.
 RECEIPT_ALLOWANCE = 60.0
+#: The queue's own visibility timeout must cover a message from its receipt until one
+#: interval after its task started, plus the first-beat window. The preflight check asks
+#: the queue for this much more, for the moment between a message's receipt and its
+#: task's start; a message that waits longer is covered by the waiting heartbeat.
+START_ALLOWANCE = 1.0
 #: First retry after a transient failure, in seconds; doubled on each further failure.
 BACKOFF_INITIAL = 0.25
 #: A retry waits at most this fraction of the interval.
@@ -66,6 +79,14 @@ class Ended(enum.Enum):
     LIMIT = "SQS 12-hour limit reached"
     MAX_DURATION = "sqs_heartbeat_max_duration reached"
     LOST = "visibility lapsed before a beat got through"
+    #: A waiting message's task started (its own heartbeat goes on) or it was settled.
+    HANDED_OVER = "handed over to the task"
+
+
+#: Tells a waiting message's heartbeat whether its task started: None while it still
+#: waits, else the time (on the schedule's clock) it started; ``-inf`` once the message
+#: was acknowledged, rejected or requeued without running.
+Watch = Callable[[], float | None]
 
 
 #: A heap entry: (due time, sequence number, receipt handle).
@@ -96,6 +117,7 @@ class Heartbeat:
         "task_name",
         "visibility_timeout",
         "visible_until",
+        "watch",
     )
 
     def __init__(
@@ -106,6 +128,7 @@ class Heartbeat:
         now: float,
         task_name: str = "",
         task_id: str = "",
+        watch: Watch | None = None,
     ) -> None:
         self.receipt_handle = receipt_handle
         self.queue_url = queue_url
@@ -130,6 +153,8 @@ class Heartbeat:
         self.ended: Ended | None = None
         #: Sequence number of its current heap entry; older entries are stale.
         self.seq = -1
+        #: Set while the message waits in the worker for its task to start.
+        self.watch = watch
 
     @property
     def limit_at(self) -> float:
@@ -240,6 +265,70 @@ class Schedule:
                 self._maybe_compact()
         return heartbeat
 
+    def get(self, receipt_handle: str) -> Heartbeat | None:
+        return self._beats.get(receipt_handle)
+
+    def adopt(
+        self, receipt_handle: str, options: HeartbeatOptions, task_name: str, task_id: str
+    ) -> Heartbeat | None:
+        """Turn the waiting heartbeat of a message into its task's heartbeat, if it has
+        one: the beats go on at their cadence, with no gap and no extra beat."""
+        heartbeat = self._beats.get(receipt_handle)
+        if heartbeat is None or heartbeat.watch is None:
+            return None
+        heartbeat.watch = None
+        heartbeat.task_name, heartbeat.task_id = task_name, task_id
+        heartbeat.max_duration = options.max_duration
+        self.reconfigure(heartbeat, options.interval, options.visibility_timeout)
+        return heartbeat
+
+    def reconfigure(self, heartbeat: Heartbeat, interval: float, visibility_timeout: int) -> None:
+        """Change a running heartbeat's interval and window from its next beat on."""
+        if (interval, visibility_timeout) == (heartbeat.interval, heartbeat.visibility_timeout):
+            return
+        last = heartbeat.scheduled - heartbeat.interval
+        heartbeat.interval, heartbeat.visibility_timeout = interval, visibility_timeout
+        if heartbeat.failures or heartbeat.in_flight:
+            return  # a retry or a call in flight: the cadence is set when it settles
+        heartbeat.next_due = heartbeat.scheduled = last + interval
+        self._push(heartbeat)
+
+    def begin_extension(self, heartbeat: Heartbeat, seconds: int, now: float) -> int:
+        """Take *heartbeat* off the schedule for a manual extension sent now by its task.
+
+        Returns the visibility to ask for: *seconds*, cut to SQS's 12-hour limit; 0 when
+        nothing can be asked (the caller sends nothing and calls nothing else).
+        """
+        left = math.floor(heartbeat.limit_at - now)
+        if heartbeat.stopped or left < 1:
+            return 0
+        heartbeat.in_flight = True  # its heap entry goes stale; settling pushes a new one
+        return min(seconds, left)
+
+    def settle_extension(
+        self, heartbeat: Heartbeat, seconds: int, sent: float, failure: Failure | None
+    ) -> None:
+        """Apply the result of a manual extension of *seconds* sent at *sent*.
+
+        The next regular beat comes when the message has as much visibility left as it
+        has before any regular beat (window minus interval): later than planned for a
+        long extension, at once for one shorter than that margin.
+        """
+        heartbeat.in_flight = False
+        if heartbeat.stopped:
+            return
+        ended = None if failure is None else _ENDED_BY.get(failure)
+        if ended is not None:
+            self._end(heartbeat, ended)
+            return
+        if failure is None:
+            heartbeat.beats += 1
+            heartbeat.visible_until = sent + seconds
+            margin = heartbeat.visibility_timeout - heartbeat.interval
+            heartbeat.next_due = heartbeat.scheduled = max(sent, sent + seconds - margin)
+            heartbeat.failures = 0
+        self._push(heartbeat)
+
     def next_due(self) -> float:
         """When :meth:`plan` must next run (the earliest due beat), or infinity."""
         earliest = math.inf
@@ -285,7 +374,8 @@ class Schedule:
             due = heartbeat.scheduled
             retry_in: float | None = None
             if heartbeat.stopped:
-                pass  # the task ended while the call was in flight: whatever SQS said
+                # The task ended while the call was in flight: count what SQS took, no more.
+                heartbeat.beats += failure is None
             elif failure is None:
                 heartbeat.beats += 1
                 heartbeat.failures = 0
@@ -341,6 +431,10 @@ class Schedule:
         self, heartbeat: Heartbeat, now: float, entries: list[Entry], ended: list[Heartbeat]
     ) -> None:
         """Add a beat sent now to *entries*, or to *ended* when the heartbeat must end."""
+        if heartbeat.watch is not None and _handed_over(heartbeat, now):
+            self._end(heartbeat, Ended.HANDED_OVER)
+            ended.append(heartbeat)
+            return
         if now >= heartbeat.stop_at:
             self._end(
                 heartbeat,
@@ -423,6 +517,25 @@ class Schedule:
 def _waits_for_company(heartbeat: Heartbeat) -> bool:
     """Whether the heartbeat's next beat is a first beat (not a retry): see FIRST_BEAT_WINDOW."""
     return heartbeat.beats == 0 and heartbeat.failures == 0
+
+
+def _handed_over(heartbeat: Heartbeat, now: float) -> bool:
+    """Whether a waiting message's heartbeat can end now: its task started (or the
+    message was settled) and the task's own first beat will find it still hidden.
+
+    Before the waiting heartbeat's first beat, the queue's own timeout is relied on as
+    for any task (see :data:`START_ALLOWANCE`); after it, what the last beat asked for.
+    """
+    assert heartbeat.watch is not None
+    started = heartbeat.watch()
+    if started is None:
+        return False
+    if heartbeat.beats:
+        covered = heartbeat.visible_until
+    else:
+        covered = heartbeat.started + heartbeat.interval + FIRST_BEAT_WINDOW + START_ALLOWANCE
+    first_beat = started + heartbeat.interval + FIRST_BEAT_WINDOW
+    return covered >= first_beat + (START_ALLOWANCE if heartbeat.beats else 0.0)
 
 
 def _next_due(heartbeat: Heartbeat, sent: float) -> float:

@@ -183,17 +183,41 @@ def resolve(conf: Any, task: Any | None = None) -> HeartbeatOptions:
             if origin["sqs_heartbeat_interval"] or not origin["sqs_heartbeat_visibility_timeout"]
             else "sqs_heartbeat_visibility_timeout"
         )
-        raise ConfigurationError(
-            name,
-            raw[name],
-            f"sqs_heartbeat_interval ({interval:g} s) must be shorter than "
-            f"sqs_heartbeat_visibility_timeout ({visibility} s), or the message's "
-            "visibility runs out between two beats",
-            task_name if origin[name] else None,
-        )
+        task_named = task_name if origin[name] else None
+        raise _pace_error(name, raw[name], interval, visibility, task_named)
     return HeartbeatOptions(
         enabled=parsed["sqs_heartbeat_enabled"],
         interval=interval,
         visibility_timeout=visibility,
         max_duration=parsed["sqs_heartbeat_max_duration"],
+    )
+
+
+def resolve_pace(interval: object, visibility_timeout: object) -> tuple[float, int]:
+    """Validate an interval and a window given at run time, as :func:`resolve` does."""
+    try:
+        seconds = _parse_interval(interval)
+    except ValueError as exc:
+        raise ConfigurationError("sqs_heartbeat_interval", interval, str(exc)) from None
+    try:
+        window = _parse_visibility_timeout(visibility_timeout)
+    except ValueError as exc:
+        raise ConfigurationError(
+            "sqs_heartbeat_visibility_timeout", visibility_timeout, str(exc)
+        ) from None
+    if seconds >= window:
+        raise _pace_error("sqs_heartbeat_interval", interval, seconds, window, None)
+    return seconds, window
+
+
+def _pace_error(
+    name: str, value: object, interval: float, visibility: int, task: str | None
+) -> ConfigurationError:
+    return ConfigurationError(
+        name,
+        value,
+        f"sqs_heartbeat_interval ({interval:g} s) must be shorter than "
+        f"sqs_heartbeat_visibility_timeout ({visibility} s), or the message's "
+        "visibility runs out between two beats",
+        task,
     )

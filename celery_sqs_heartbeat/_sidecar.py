@@ -24,7 +24,7 @@ from typing import Any
 
 from ._errors import Failure, classify_batch_entry, classify_exception
 from ._report import Reporter, Stats
-from ._schedule import FIRST_BEAT_WINDOW, Heartbeat, Request, Schedule
+from ._schedule import FIRST_BEAT_WINDOW, Ended, Entry, Heartbeat, Request, Schedule, Watch
 from ._settings import HeartbeatOptions
 
 logger = logging.getLogger("celery_sqs_heartbeat")
@@ -85,17 +85,87 @@ class Sidecar:
         task_name: str = "",
         task_id: str = "",
     ) -> bool:
-        """Begin beating for a message; False if it already has a heartbeat."""
+        """Begin beating for a running task's message; False if it already has a
+        heartbeat. A heartbeat this process began for the message while it waited is
+        taken over, cadence and all."""
         heartbeat = Heartbeat(receipt_handle, queue_url, options, self._clock(), task_name, task_id)
+        with self._lock:
+            adopted = self._schedule.adopt(receipt_handle, options, task_name, task_id)
+            if adopted is not None:
+                heartbeat = adopted
+            elif not self._schedule.add(heartbeat):
+                return False
+            self._note_due(heartbeat)
+        self._report.started(heartbeat)
+        return True
+
+    def wait(
+        self,
+        receipt_handle: str,
+        queue_url: str,
+        options: HeartbeatOptions,
+        watch: Watch,
+        task_name: str = "",
+        task_id: str = "",
+    ) -> bool:
+        """Begin beating for a message that waits in the worker (prefetched, or held for
+        its ETA) until *watch* says its task started; False if it already has one."""
+        heartbeat = Heartbeat(
+            receipt_handle, queue_url, options, self._clock(), task_name, task_id, watch
+        )
         with self._lock:
             if not self._schedule.add(heartbeat):
                 return False
-            if options.interval < self._shortest:
-                self._shortest = options.interval
-            if heartbeat.next_due + FIRST_BEAT_WINDOW < self._wake_at:
-                self._wake.notify()
-        self._report.started(heartbeat)
+            self._note_due(heartbeat)
         return True
+
+    def _note_due(self, heartbeat: Heartbeat) -> None:
+        """Wake the thread if *heartbeat* is due before it planned to wake; holds the lock."""
+        if heartbeat.interval < self._shortest:
+            self._shortest = heartbeat.interval
+        if heartbeat.next_due + FIRST_BEAT_WINDOW < self._wake_at:
+            self._wake.notify()
+
+    # -- manual control, from the task's thread --------------------------------------------
+
+    def extend(self, receipt_handle: str, seconds: int) -> bool:
+        """Ask SQS now, from the caller's thread, to keep a message hidden *seconds* more.
+
+        True when SQS accepted it. Never raises for an SQS error: it is classified and
+        reported like a failed beat, and a final one (gone, denied) ends the heartbeat.
+        """
+        with self._lock:
+            heartbeat = self._schedule.get(receipt_handle)
+            if heartbeat is None:
+                return False
+            if heartbeat.in_flight:
+                self._wait_in_flight(heartbeat)
+            sent = self._clock()
+            asked = self._schedule.begin_extension(heartbeat, seconds, sent)
+            if not asked:
+                return False
+        outcome = self._send(Request(heartbeat.queue_url, [Entry(heartbeat, asked)], sent))
+        failure = outcome.failures[0]
+        with self._lock:
+            self._schedule.settle_extension(heartbeat, asked, sent, failure)
+            self._settled.notify_all()
+            self._note_due(heartbeat)
+        self._report.extended(heartbeat, asked, failure, outcome.details[0], outcome.error)
+        return failure is None
+
+    def reconfigure(self, receipt_handle: str, interval: float, visibility_timeout: int) -> bool:
+        """Change a running heartbeat's interval and window; False if it has ended."""
+        with self._lock:
+            heartbeat = self._schedule.get(receipt_handle)
+            if heartbeat is None:
+                return False
+            self._schedule.reconfigure(heartbeat, interval, visibility_timeout)
+            self._note_due(heartbeat)
+            return True
+
+    def get(self, receipt_handle: str) -> Heartbeat | None:
+        with self._lock:
+            return self._schedule.get(receipt_handle)
 
     def stop(self, receipt_handle: str) -> Heartbeat | None:
         """End the heartbeat of a message; once this returns no beat for it is sent."""
@@ -159,6 +229,11 @@ class Sidecar:
             thread.join(timeout)
         self._gil.prompt(False)
 
+    def forget_after_fork(self) -> None:
+        """In a forked child, where this thread does not exist: put back the switch
+        interval the parent's thread may have shortened at the moment of the fork."""
+        self._gil.prompt(False)
+
     # -- the thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -187,7 +262,8 @@ class Sidecar:
                 return
         self._gil.prompt(True)
         for heartbeat in plan.ended:
-            self._report.ended(heartbeat, "")
+            if heartbeat.ended is not Ended.HANDED_OVER:
+                self._report.ended(heartbeat, "")
         for request in plan.requests:
             outcome = self._send(request)
             with self._lock:

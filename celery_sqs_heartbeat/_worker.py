@@ -1,22 +1,29 @@
 """Celery's side: the signal handlers that start and stop heartbeats, and the worker checks.
 
-* ``task_prerun`` starts a heartbeat for the running task's own SQS message and
-  ``task_postrun`` (fired from a ``finally``) stops it, so every way a task ends in its
-  process stops the beat. Both are a dict lookup and a lock: no I/O.
+* ``task_received`` (in the worker's main process) starts a *waiting* heartbeat for a
+  message that the worker holds before its task runs: prefetched, or held for its ETA.
+  It ends once the task started and the task's own heartbeat has it covered.
+* ``task_prerun`` starts a heartbeat for the running task's own SQS message (taking
+  over the waiting one when the task runs in the same process) and ``task_postrun``
+  (fired from a ``finally``) stops it, so every way a task ends in its process stops
+  the beat. Both are a dict lookup and a lock: no I/O.
 * ``worker_init`` validates every heartbeat setting and task option and stops the worker
   on a bad one (``SystemExit``: Celery swallows any ``Exception`` a handler raises).
 * ``worker_ready`` logs, once, what would make the heartbeat useless (no ``acks_late``,
-  prefetching, a broker that is not SQS).
-* The sidecar thread and its SQS client are made in the process that runs the tasks,
-  before its first task where Celery tells us (``worker_process_init`` in a prefork child,
-  ``worker_init`` for the other pools), and forgotten in a forked child.
+  a broker that is not SQS).
+* The sidecar thread and its SQS client are made in each process that beats, before
+  its first message where Celery tells us (``worker_process_init`` in a prefork child,
+  ``worker_ready`` in a prefork worker's main process, ``worker_init`` for the other
+  pools), and forgotten in a forked child.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
+import time
 import weakref
 from collections.abc import Iterable
 from threading import get_ident
@@ -25,6 +32,7 @@ from typing import Any
 from celery import signals
 
 from ._client import BrokerInfo, Clients, call_timeout
+from ._schedule import Heartbeat, Watch
 from ._settings import SETTINGS, ConfigurationError, HeartbeatOptions, raw_value, resolve
 from ._sidecar import Sidecar
 
@@ -56,6 +64,8 @@ _broker_kind: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 def _forget_in_child() -> None:
     """A forked child has no sidecar thread: it must make its own, with its own client."""
     global _sidecar, _lock
+    if _sidecar is not None:
+        _sidecar.forget_after_fork()
     _sidecar = None
     _lock = threading.Lock()
     _noted.clear()
@@ -195,11 +205,17 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
         return
     for line in startup_warnings(app, found):
         logger.warning("%s", line)
-    if _enabled_tasks(found) and not _broker_is_sqs(app):
+    if not _enabled_tasks(found):
+        return
+    if not _broker_is_sqs(app):
         logger.info(
             "celery-sqs-heartbeat: the broker is not SQS, so no heartbeat is sent; "
             "tasks run as usual."
         )
+    elif _is_prefork(type(getattr(sender, "pool", None))):
+        # Messages waiting in this (main) process are beaten from here; the pool's
+        # children exist by now, so none is forked with this thread running.
+        ensure_sidecar(app)
 
 
 def startup_warnings(app: Any, found: dict[str, HeartbeatOptions]) -> Iterable[str]:
@@ -215,26 +231,76 @@ def startup_warnings(app: Any, found: dict[str, HeartbeatOptions]) -> Iterable[s
             + ", ".join(early)
             + ". Set task_acks_late = True or acks_late=True on the task."
         )
-    multiplier = app.conf.worker_prefetch_multiplier
-    if multiplier > 1 and not app.conf.get("worker_disable_prefetch"):
-        yield (
-            f"celery-sqs-heartbeat: worker_prefetch_multiplier={multiplier}: messages "
-            "waiting in the worker's buffer are not heartbeated and may be delivered "
-            "twice if they wait longer than the queue's visibility timeout. Set "
-            "worker_prefetch_multiplier = 1 for long tasks."
+
+
+def _task_options(task: Any) -> HeartbeatOptions:
+    """The task's options, resolved once per process; DISABLED for apps not served."""
+    options = _options.get(task.name)
+    if options is None:
+        options = DISABLED
+        if _serves(task.app):
+            options = resolve(task.app.conf, task)
+        _options[task.name] = options
+    return options
+
+
+def _on_task_received(request: Any = None, **_: Any) -> None:
+    # In the worker's main process, for every message received: a few dict lookups and
+    # one lock when the heartbeat is on, as at prerun.
+    task: Any = None
+    try:
+        task = request.task
+        options = _task_options(task)
+        if not options.enabled:
+            return
+        message = request.message
+        queue_url = (message.delivery_info or {}).get("sqs_queue")
+        if not queue_url or message.acknowledged:
+            return  # not from SQS (said once at worker start), or already settled
+        sidecar = _sidecar if _sidecar is not None else ensure_sidecar(task.app)
+        if sidecar is not None:
+            sidecar.wait(
+                message.delivery_tag,
+                queue_url,
+                options,
+                _watch(request, message),
+                task.name,
+                request.id,
+            )
+    except ConfigurationError as exc:
+        _options[task.name] = DISABLED
+        logger.error("%s; task %s runs without a heartbeat.", exc, task.name)
+    except Exception:
+        _note_once(
+            "received-error",
+            logging.ERROR,
+            "celery-sqs-heartbeat: could not cover a message waiting in the worker; it "
+            "may be delivered again if it waits longer than the queue's timeout.",
+            exc_info=True,
         )
+
+
+def _watch(request: Any, message: Any) -> Watch:
+    """Whether a waiting message's task started: read from Celery's request by the
+    heartbeat thread when a beat falls due (``time_start`` is set when the pool accepts
+    the task, from the child in a prefork pool)."""
+
+    def watch() -> float | None:
+        if message.acknowledged:
+            return -math.inf
+        started = request.time_start
+        if started is None:
+            return None
+        return float(time.monotonic() - (time.time() - started))
+
+    return watch
 
 
 def _on_task_prerun(task: Any = None, task_id: str = "", **_: Any) -> None:
     # The hot path: a task whose options are cached pays for a few dict lookups, one
     # lock and one small object.
     try:
-        options = _options.get(task.name)
-        if options is None:
-            options = DISABLED
-            if _serves(task.app):
-                options = resolve(task.app.conf, task)
-            _options[task.name] = options
+        options = _task_options(task)
         if not options.enabled:
             return
         request = task.request
@@ -271,6 +337,16 @@ def _on_task_prerun(task: Any = None, task_id: str = "", **_: Any) -> None:
             "celery-sqs-heartbeat: could not start a heartbeat; tasks run without one.",
             exc_info=True,
         )
+
+
+def running_heartbeat(task_id: str) -> tuple[Sidecar, Heartbeat] | None:
+    """The sidecar and heartbeat of the task *task_id* running in this thread."""
+    receipt_handle = _running.get((get_ident(), task_id))
+    sidecar = _sidecar
+    if receipt_handle is None or sidecar is None:
+        return None
+    heartbeat = sidecar.get(receipt_handle)
+    return None if heartbeat is None else (sidecar, heartbeat)
 
 
 def _on_task_postrun(task_id: str = "", **_: Any) -> None:
@@ -313,6 +389,7 @@ _HANDLERS = (
     (signals.worker_init, _on_worker_init),
     (signals.worker_process_init, _on_worker_process_init),
     (signals.worker_ready, _on_worker_ready),
+    (signals.task_received, _on_task_received),
     (signals.task_prerun, _on_task_prerun),
     (signals.task_postrun, _on_task_postrun),
     (signals.worker_process_shutdown, _on_shutdown),

@@ -27,6 +27,8 @@ from celery_sqs_heartbeat.testing import (
 )
 
 TESTS = Path(__file__).resolve().parent
+#: The metric recipes the docs show, loaded by workers through ``imports``.
+EXAMPLES = TESTS.parent / "examples"
 #: kombu's long-poll wait in the tests' workers (``wait_time_seconds``); also the
 #: visibility kombu sets when it requeues a message.
 KOMBU_WAIT_SECONDS = 1
@@ -100,6 +102,7 @@ class Scenario:
         name: str | None = None,
         start: bool = True,
         broker_url: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> WorkerProcess:
         name = name or f"w{len(self.workers)}"
         env = {
@@ -108,7 +111,8 @@ class Scenario:
             "SQSHB_CONFIG": json.dumps(conf),
             "SQSHB_EVENTS": str(self.events_path),
             "SQSHB_WORKER": name,
-            "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]),
+            "PYTHONPATH": os.pathsep.join([str(TESTS), str(EXAMPLES), *sys.path]),
+            **(env or {}),
         }
         worker = WorkerProcess(
             "worker_app",

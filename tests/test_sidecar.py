@@ -234,3 +234,34 @@ def test_signals_and_stats_follow_each_event(
     stats = sidecar.stats()
     assert (stats.active, stats.started, stats.stopped, stats.beats_sent) == (0, 2, 2, 1)
     assert stats.failures == {"transient": 1, "gone": 1} and stats.messages_lost == 1
+
+
+SLOW = HeartbeatOptions(enabled=True, interval=30, visibility_timeout=120, max_duration=None)
+
+
+def test_a_manual_extension_never_raises_into_the_task(
+    stubbed: tuple[Any, Stubber], sidecars: list[Sidecar], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Throttled: False and one warning; denied: False and the heartbeat ends."""
+    client, stubber = stubbed
+    stubber.add_client_error("change_message_visibility", "RequestThrottled", "slow down", 400)
+    stubber.add_response(
+        "change_message_visibility",
+        {},
+        {"QueueUrl": QUEUE, "ReceiptHandle": "rh-1", "VisibilityTimeout": 600},
+    )
+    stubber.add_client_error("change_message_visibility", "AccessDenied", "no", 403)
+    sidecar = start(sidecars, client)
+    sidecar.start("rh-1", QUEUE, SLOW, "t", "id")
+
+    with caplog.at_level(logging.WARNING, logger="celery_sqs_heartbeat"):
+        assert sidecar.extend("rh-1", 600) is False
+        assert sidecar.extend("rh-1", 600) is True
+        assert sidecar.extend("rh-1", 600) is False
+
+    assert sidecar.get("rh-1") is None  # denied ends it
+    assert sidecar.extend("rh-1", 600) is False  # and nothing more is sent
+    stats = sidecar.stats()
+    assert stats.beats_sent == 1 and stats.failures == {"transient": 1, "denied": 1}
+    assert "Extension of task t[id]" in caplog.text
+    stubber.assert_no_pending_responses()

@@ -1,6 +1,7 @@
 """The Celery app that the integration tests and the demo run in real worker processes.
 
-It never imports celery_sqs_heartbeat: the ``celery`` command's plugin installs the
+It does not import celery_sqs_heartbeat (only the bodies of the tasks that use its
+manual API and stats do, when they run): the ``celery`` command's plugin installs the
 heartbeat, as it would in a user's project. Everything that varies between tests comes
 from the environment:
 
@@ -134,3 +135,38 @@ def ignore(self, seconds: float) -> None:
     """Ends with Ignore: no result stored, the message acknowledged."""
     _run(self, seconds, spin=False)
     raise Ignore()
+
+
+@app.task(bind=True)
+def manual(
+    self, seconds: float, extend: float | None = None, pace: list[float] | None = None
+) -> None:
+    """Takes the heartbeat in hand: one extension and/or another pace, then sleeps.
+
+    Imports the package inside the task, as a user's task would.
+    """
+    import celery_sqs_heartbeat
+
+    hb = celery_sqs_heartbeat.current()
+    info: dict[str, object] = {"found": hb is not None, "retries": self.request.retries}
+    if hb is not None:
+        info["receipt_handle"] = hb.receipt_handle
+        if extend is not None:
+            info["extended"] = hb.extend(extend)
+        if pace is not None:
+            info["configured"] = hb.configure(interval=pace[0], visibility_timeout=int(pace[1]))
+        info["interval"], info["visibility_timeout"] = hb.interval, hb.visibility_timeout
+    record("manual", self.request.id, **info)
+    _run(self, seconds, spin=False)
+
+
+@app.task(bind=True)
+def stats_after(self, seconds: float) -> None:
+    """Sleeps, then records this process's heartbeat stats while still running."""
+    import dataclasses
+
+    import celery_sqs_heartbeat
+
+    _run(self, seconds, spin=False)
+    stats = dataclasses.asdict(celery_sqs_heartbeat.stats())
+    record("stats", self.request.id, retries=self.request.retries, stats=stats)
