@@ -54,6 +54,7 @@ def test_prefetched_messages_run_exactly_once(scenario: Scenario, pool: str) -> 
 
     starts = collections.Counter(r.task_id for r in runs if r.event == "start")
     assert starts == {task_id: 1 for task_id in ids}, starts
+    assert receipts(scenario, ids) == {task_id: 1 for task_id in ids}
     assert not [r for r in scenario.beats() if r.status != 200]
     # The waiting heartbeat hands over to the task's own: about one beat per interval
     # from receipt to the end, not two (a waiting and a running heartbeat at once).
@@ -68,8 +69,16 @@ def test_prefetched_messages_run_exactly_once(scenario: Scenario, pool: str) -> 
         assert len(beats) <= (ended - received) / INTERVAL + 3, (receipt_handle, len(beats))
 
 
+def receipts(scenario: Scenario, ids: list[str]) -> collections.Counter[str]:
+    """How many times the workers received each task's message (their INFO log)."""
+    logs = scenario.logs()
+    return collections.Counter({task_id: logs.count(f"[{task_id}] received") for task_id in ids})
+
+
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
-def test_prefetched_messages_run_twice_without_heartbeat(scenario: Scenario, pool: str) -> None:
+def test_prefetched_messages_are_delivered_twice_without_heartbeat(
+    scenario: Scenario, pool: str
+) -> None:
     conf = prefetching(scenario, heartbeat=False)
     ids = send_before_worker(scenario, conf, pool)
 
@@ -77,7 +86,10 @@ def test_prefetched_messages_run_twice_without_heartbeat(scenario: Scenario, poo
 
     starts = collections.Counter(r.task_id for r in runs if r.event == "start")
     assert set(starts) == set(ids)
-    assert max(starts.values()) >= 2, starts
+    # SQS delivered a held message again. Whether Celery then runs the copy depends on
+    # when it arrives (a copy kombu receives while the first delivery still waits may be
+    # dropped once that one is acknowledged), so the delivery is what is counted.
+    assert max(receipts(scenario, ids).values()) >= 2, (receipts(scenario, ids), starts)
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads"])

@@ -1,0 +1,148 @@
+"""Shutdowns, a pool child killed mid-task, and FIFO queues, with real workers.
+
+The queue's own timeout is 30 s here wherever the test is about how soon a message comes
+back: the heartbeat's 2 s window must be what brings it back, not the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from celery_sqs_heartbeat.testing import wait_for
+
+from .conftest import RECEIVE_SLACK, Scenario
+from .test_worker_integration import QUEUE_TIMEOUT, TASK_SECONDS, beats_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+INTERVAL = 0.5
+VISIBILITY = 2
+#: How soon a message whose heartbeat died is received again at the latest.
+COMES_BACK = VISIBILITY + INTERVAL + RECEIVE_SLACK
+
+
+def task_pid(scenario: Scenario, task_id: str) -> int:
+    lines = [json.loads(line) for line in scenario.events_path.read_text().splitlines()]
+    return int(next(e["pid"] for e in lines if e["task_id"] == task_id and e["event"] == "start"))
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_warm_shutdown_keeps_beating_until_the_task_ends(scenario: Scenario, pool: str) -> None:
+    """SIGTERM mid-task: the worker finishes the task first, beats go on meanwhile, and a
+    second worker never gets the message."""
+    conf = scenario.config(
+        queue_timeout=QUEUE_TIMEOUT, heartbeat=True, interval=INTERVAL, visibility=VISIBILITY
+    )
+    first, _ = scenario.start_workers(conf, 2, pool=pool)
+    task_id = scenario.send(conf, "sleep", TASK_SECONDS)
+    (start,) = scenario.wait_starts(task_id, 1, timeout=20)
+    if start.worker != first.name:
+        first = next(w for w in scenario.workers if w.name == start.worker)
+
+    assert first.process is not None
+    first.process.send_signal(signal.SIGTERM)
+    term_at = time.time()
+    assert first.wait(TASK_SECONDS + 20) == 0
+
+    runs = scenario.wait_settled(timeout=30)
+    assert [r.event for r in runs if r.task_id == task_id] == ["start", "end"]
+    beats = beats_for(scenario, start.receipt_handle, VISIBILITY)
+    assert len([b for b in beats if b > term_at + INTERVAL]) >= 2, (term_at, beats)
+
+
+def test_cold_shutdown_exits_at_once_and_the_message_comes_back(scenario: Scenario) -> None:
+    """SIGQUIT mid-task: the worker exits at once (the heartbeat thread is a daemon) and
+    the message is back within one window, though the queue's timeout is 30 s."""
+    conf = scenario.config(
+        queue_timeout=30, heartbeat=True, interval=INTERVAL, visibility=VISIBILITY
+    )
+    (first,) = scenario.start_workers(conf, 1)
+    task_id = scenario.send(conf, "sleep", 60)
+    scenario.wait_starts(task_id, 1, timeout=20)
+    wait_for(lambda: len(scenario.beats()) >= 2, timeout=10, what="two beats")
+
+    assert first.process is not None
+    first.process.send_signal(signal.SIGQUIT)
+    quit_at = time.time()
+    first.wait(10)
+    assert time.time() - quit_at < 5
+    (second,) = scenario.start_workers(conf, 1)
+
+    starts = scenario.wait_starts(task_id, 2, timeout=COMES_BACK + 30)
+    assert starts[1].worker == second.name
+    assert starts[1].at - quit_at <= COMES_BACK + 10  # includes the second worker's start
+
+
+@pytest.mark.parametrize("reject_on_worker_lost", [False, True])
+def test_pool_child_killed_mid_task(scenario: Scenario, reject_on_worker_lost: bool) -> None:
+    """SIGKILL the pool child that runs the task: its heartbeat dies with it.
+
+    Celery then settles the message in the main process: by default it records the task
+    as failed (WorkerLostError) and deletes the message, so it never runs again; with
+    ``task_reject_on_worker_lost`` it requeues it at once and it runs again.
+    """
+    conf = scenario.config(
+        queue_timeout=30,
+        heartbeat=True,
+        interval=INTERVAL,
+        visibility=VISIBILITY,
+        task_reject_on_worker_lost=reject_on_worker_lost,
+    )
+    scenario.start_workers(conf, 1, pool="prefork", concurrency=1)
+    task_id = scenario.send(conf, "sleep", TASK_SECONDS)
+    (start,) = scenario.wait_starts(task_id, 1, timeout=20)
+    wait_for(lambda: len(scenario.beats()) >= 2, timeout=10, what="two beats")
+
+    os.kill(task_pid(scenario, task_id), signal.SIGKILL)
+    killed_at = time.time()
+
+    if reject_on_worker_lost:
+        starts = scenario.wait_starts(task_id, 2, timeout=COMES_BACK + 10)
+        assert starts[1].at - killed_at <= COMES_BACK
+        assert starts[1].receipt_handle != start.receipt_handle
+    else:
+        wait_for(lambda: scenario.queue_counts() == (0, 0), timeout=10, what="the message deleted")
+        with pytest.raises(TimeoutError):
+            scenario.wait_starts(task_id, 2, timeout=COMES_BACK)
+    late = [b for b in beats_for(scenario, start.receipt_handle, VISIBILITY) if b > killed_at + 0.2]
+    assert not late, "a beat for the killed task's message after its process died"
+
+
+def fifo_conf(scenario: Scenario, heartbeat: bool) -> dict[str, object]:
+    scenario.queue = f"{scenario.queue}.fifo"
+    return scenario.config(
+        queue_timeout=QUEUE_TIMEOUT, heartbeat=heartbeat, interval=INTERVAL, visibility=VISIBILITY
+    )
+
+
+def test_fifo_queue_long_task_runs_once_and_holds_its_group(scenario: Scenario) -> None:
+    """On a FIFO queue the heartbeat works the same; while the task runs, SQS delivers no
+    other message of its group (kombu sends every task in the group ``default``)."""
+    conf = fifo_conf(scenario, heartbeat=True)
+    # One worker with room for both tasks: moto decides which groups are held when a long
+    # poll begins, so a second worker already polling could get the group's next message.
+    scenario.start_workers(conf, 1, pool="threads", concurrency=2)
+    long_id = scenario.send(conf, "sleep", TASK_SECONDS)
+    scenario.wait_starts(long_id, 1, timeout=20)
+    short_id = scenario.send(conf, "sleep", 0.1)
+
+    runs = scenario.wait_settled(timeout=TASK_SECONDS + 30)
+
+    assert [r.event for r in runs if r.task_id == long_id] == ["start", "end"]
+    long_end = next(r.at for r in runs if r.task_id == long_id and r.event == "end")
+    short_start = next(r.at for r in runs if r.task_id == short_id and r.event == "start")
+    assert short_start >= long_end, "the group was not held while the long task ran"
+    assert len(beats_for(scenario, runs[0].receipt_handle, VISIBILITY)) >= 2
+
+
+def test_fifo_queue_long_task_runs_twice_without_heartbeat(scenario: Scenario) -> None:
+    conf = fifo_conf(scenario, heartbeat=False)
+    scenario.start_workers(conf, 1, pool="threads", concurrency=2)
+    long_id = scenario.send(conf, "sleep", TASK_SECONDS)
+
+    assert len(scenario.wait_starts(long_id, 2, timeout=TASK_SECONDS + 20)) >= 2
