@@ -7,6 +7,7 @@ log level, the signal and the counter for an event are decided together.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,19 +54,23 @@ class Reporter:
 
     def __init__(self, *, region: Callable[[], str | None] = lambda: None) -> None:
         self._region = region
-        # Written by the heartbeat thread only, so no lock: readers see whole ints.
+        # Written by the heartbeat thread, and by task threads that extend by hand: each
+        # increment under this lock (a beat's worth of work, never on a task's hot path).
+        self._counting = threading.Lock()
         self._beats_sent = self._late_beats = self._messages_lost = 0
         self._failures: Counter[str] = Counter()
         self._denied_queues: set[str] = set()
 
     def stats(self, active: int, started: int, stopped: int) -> Stats:
+        with self._counting:
+            failures = dict(self._failures)
         return Stats(
             active=active,
             started=started,
             stopped=stopped,
             beats_sent=self._beats_sent,
             late_beats=self._late_beats,
-            failures=dict(self._failures),
+            failures=failures,
             messages_lost=self._messages_lost,
         )
 
@@ -98,15 +103,7 @@ class Reporter:
         if result.failure is None:
             self._beat_sent(result, answered)
             return
-        self._failures[result.failure.value] += 1
-        if signals.beat_failed.receivers:
-            signals.beat_failed.send(
-                sender=None,
-                failure=result.failure.value,
-                detail=detail,
-                retry_in=result.retry_in,
-                **_common(hb),
-            )
+        self._failed(hb, result.failure, detail, result.retry_in)
         if hb.ended is not None:
             self.ended(hb, detail)
         elif hb.failures == 1 or result.failure is Failure.UNKNOWN:
@@ -132,21 +129,9 @@ class Reporter:
     ) -> None:
         """Report a manual extension asked by the task itself (from the task's thread)."""
         if failure is None:
-            self._beats_sent += 1
-            if signals.beat_sent.receivers:
-                signals.beat_sent.send(
-                    sender=None,
-                    beats=hb.beats,
-                    visibility_timeout=seconds,
-                    lateness=0.0,
-                    **_common(hb),
-                )
+            self._sent(hb, seconds, lateness=0.0, late=False)
             return
-        self._failures[failure.value] += 1
-        if signals.beat_failed.receivers:
-            signals.beat_failed.send(
-                sender=None, failure=failure.value, detail=detail, retry_in=None, **_common(hb)
-            )
+        self._failed(hb, failure, detail, retry_in=None)
         if hb.ended is not None:
             self.ended(hb, detail)
         else:
@@ -161,19 +146,33 @@ class Reporter:
                 exc_info=error if failure is Failure.UNKNOWN else None,
             )
 
-    def _beat_sent(self, result: Settled, answered: float) -> None:
-        hb = result.heartbeat
-        late = result.lateness > (hb.visibility_timeout - hb.interval) / 2
-        self._beats_sent += 1
-        self._late_beats += late
+    def _sent(self, hb: Heartbeat, visibility_timeout: int, lateness: float, late: bool) -> None:
+        """Count a beat SQS accepted and tell ``beat_sent`` receivers."""
+        with self._counting:
+            self._beats_sent += 1
+            self._late_beats += late
         if signals.beat_sent.receivers:
             signals.beat_sent.send(
                 sender=None,
                 beats=hb.beats,
-                visibility_timeout=result.visibility_timeout,
-                lateness=max(0.0, answered - result.due),
+                visibility_timeout=visibility_timeout,
+                lateness=lateness,
                 **_common(hb),
             )
+
+    def _failed(self, hb: Heartbeat, failure: Failure, detail: str, retry_in: float | None) -> None:
+        """Count a failed attempt and tell ``beat_failed`` receivers."""
+        with self._counting:
+            self._failures[failure.value] += 1
+        if signals.beat_failed.receivers:
+            signals.beat_failed.send(
+                sender=None, failure=failure.value, detail=detail, retry_in=retry_in, **_common(hb)
+            )
+
+    def _beat_sent(self, result: Settled, answered: float) -> None:
+        hb = result.heartbeat
+        late = result.lateness > (hb.visibility_timeout - hb.interval) / 2
+        self._sent(hb, result.visibility_timeout, max(0.0, answered - result.due), late)
         if late:
             logger.warning(
                 "Heartbeat of task %s[%s] was late by %.1f s (after %d failed attempts); its "
@@ -201,7 +200,8 @@ class Reporter:
         reason = hb.ended
         assert reason is not None
         if reason is not Ended.MAX_DURATION:
-            self._messages_lost += 1
+            with self._counting:
+                self._messages_lost += 1
             if signals.message_lost.receivers:
                 signals.message_lost.send(sender=None, reason=reason.value, **_common(hb))
         self.stopped(hb, reason.value)

@@ -530,12 +530,12 @@ def _handed_over(heartbeat: Heartbeat, now: float) -> bool:
     started = heartbeat.watch()
     if started is None:
         return False
-    if heartbeat.beats:
-        covered = heartbeat.visible_until
-    else:
-        covered = heartbeat.started + heartbeat.interval + FIRST_BEAT_WINDOW + START_ALLOWANCE
     first_beat = started + heartbeat.interval + FIRST_BEAT_WINDOW
-    return covered >= first_beat + (START_ALLOWANCE if heartbeat.beats else 0.0)
+    if heartbeat.beats:
+        return heartbeat.visible_until >= first_beat + START_ALLOWANCE
+    # The queue's own timeout covers the task's first beat if the task started within
+    # START_ALLOWANCE of the receipt (what the preflight check asks of the queue).
+    return started <= heartbeat.started + START_ALLOWANCE
 
 
 def _next_due(heartbeat: Heartbeat, sent: float) -> float:
