@@ -106,9 +106,10 @@ def test_countdown_longer_than_the_queue_timeout_runs_once(scenario: Scenario, p
     assert not [r for r in scenario.beats() if r.status != 200]
 
 
-def test_countdown_runs_twice_without_heartbeat(scenario: Scenario) -> None:
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_countdown_runs_twice_without_heartbeat(scenario: Scenario, pool: str) -> None:
     conf = scenario.config(queue_timeout=QUEUE_TIMEOUT, heartbeat=False)
-    scenario.start_workers(conf, 2, pool="prefork")
+    scenario.start_workers(conf, 2, pool=pool)
     task_id = scenario.send(conf, "sleep", 0.2, countdown=COUNTDOWN)
 
     starts = scenario.wait_starts(task_id, 2, timeout=COUNTDOWN + 30)
