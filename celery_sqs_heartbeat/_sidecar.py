@@ -1,18 +1,21 @@
-"""The one background thread per process that sends every heartbeat's beats.
+"""The one background thread per process that schedules every heartbeat's beats.
 
 Tasks only touch a dict under a lock (:meth:`Sidecar.start` / :meth:`Sidecar.stop`);
-the thread sleeps until the next beat is due, sends the requests the schedule plans,
-and settles their results. SQS errors are classified here and reported (logs, signals,
-stats) by ``_report``; none ever reaches a task.
+the thread sleeps until the next beat is due and hands the requests the schedule plans
+to its senders (``_senders``), which make the calls and settle their results, so a call
+that stalls holds up nobody else. SQS errors are classified here and reported (logs,
+signals, stats) by ``_report``; none ever reaches a task.
 
 ``stop`` is final: once it returns, no beat for that message will be sent. A call
-already in flight for it is waited for (bounded by the client's time-out), so a beat
-never lands after kombu's requeue or delete, and stopping never touches the message's
-visibility itself.
+already in flight for it is waited for, briefly (:data:`STOP_WAIT`): an answered call
+takes milliseconds, so a beat does not land after kombu's requeue or delete, and a
+stalled one cannot hold up the task's acknowledgement. Stopping never touches the
+message's visibility itself.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -25,6 +28,7 @@ from typing import Any
 from ._errors import Failure, classify_batch_entry, classify_exception
 from ._report import Reporter, Stats
 from ._schedule import FIRST_BEAT_WINDOW, Ended, Entry, Heartbeat, Request, Schedule, Watch
+from ._senders import Senders
 from ._settings import HeartbeatOptions
 
 logger = logging.getLogger("celery_sqs_heartbeat")
@@ -34,8 +38,18 @@ THREAD_NAME = "celery-sqs-heartbeat"
 #: After an unexpected error in its own loop, the thread waits this long before going on,
 #: so a bug cannot spin a CPU.
 LOOP_ERROR_PAUSE = 1.0
-#: ``stop`` waits at most this much longer than the client's time-out for a call in flight.
-STOP_WAIT_MARGIN = 1.0
+#: The senders' threads are named after the sidecar's: ``celery-sqs-heartbeat-send-1``...
+SENDER_THREAD_NAME = "celery-sqs-heartbeat-send"
+#: How long ``stop`` waits for a call in flight for the stopped heartbeat. SQS answers in
+#: milliseconds; a call still unanswered after this has stalled, and the task's
+#: acknowledgement must not wait for it (it fails harmlessly on a deleted message).
+STOP_WAIT = 0.25
+#: A manual extension waits at most this much longer than the client's time-out for a
+#: regular beat in flight, so the two never race.
+EXTEND_WAIT_MARGIN = 1.0
+#: While calls are in flight the thread wakes at least this often, to put the switch
+#: interval back as soon as the last one is answered.
+BUSY_RECHECK = 0.05
 #: The interpreter's switch interval around a beat, in seconds (see ``_SwitchInterval``).
 PROMPT_SWITCH_INTERVAL = 0.0005
 #: How long before a beat is due the thread wakes to shorten the switch interval.
@@ -72,6 +86,7 @@ class Sidecar:
         #: the task a GIL hand-off).
         self._shortest = math.inf
         self._thread: threading.Thread | None = None
+        self._senders = Senders(SENDER_THREAD_NAME)
         self._report = Reporter(region=region)
         self._gil = _SwitchInterval()
 
@@ -139,7 +154,7 @@ class Sidecar:
             if heartbeat is None:
                 return False
             if heartbeat.in_flight:
-                self._wait_in_flight(heartbeat)
+                self._wait_in_flight(heartbeat, 2 * self._call_timeout + EXTEND_WAIT_MARGIN)
             sent = self._clock()
             asked = self._schedule.begin_extension(heartbeat, seconds, sent)
             if not asked:
@@ -174,24 +189,25 @@ class Sidecar:
             if heartbeat is None:
                 return None
             if heartbeat.in_flight:
-                self._wait_in_flight(heartbeat)
+                self._wait_in_flight(heartbeat, STOP_WAIT)
         if heartbeat.ended is None:
             self._report.stopped(heartbeat)
         return heartbeat
 
-    def _wait_in_flight(self, heartbeat: Heartbeat) -> None:
-        """Wait for the call in flight for *heartbeat*; the caller holds the lock."""
-        waited = 2 * self._call_timeout + STOP_WAIT_MARGIN
+    def _wait_in_flight(self, heartbeat: Heartbeat, waited: float) -> None:
+        """Wait up to *waited* s for the call in flight for *heartbeat*; holds the lock."""
         deadline = self._clock() + waited
         while heartbeat.in_flight:
             left = deadline - self._clock()
             if left <= 0:
-                logger.warning(
-                    "Stopped the heartbeat of task %s[%s] while its beat was still in "
-                    "flight after %.1f s; that beat may still land.",
+                logger.info(
+                    "Heartbeat of task %s[%s]: SQS had not answered its beat after %.2f s; "
+                    "going on without it (if it lands, it fails on a deleted message, or "
+                    "keeps a requeued one hidden up to %d s).",
                     heartbeat.task_name,
                     heartbeat.task_id,
                     waited,
+                    heartbeat.visibility_timeout,
                 )
                 return
             self._settled.wait(left)
@@ -220,13 +236,14 @@ class Sidecar:
         return self._thread is not None and self._thread.is_alive()
 
     def shutdown(self, timeout: float | None = None) -> None:
-        """Stop the thread; heartbeats still registered simply stop beating."""
+        """Stop the threads; heartbeats still registered simply stop beating."""
         self._stopping.set()
         with self._lock:
             self._wake.notify_all()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+        self._senders.shutdown(timeout)
         self._gil.prompt(False)
 
     def forget_after_fork(self) -> None:
@@ -251,10 +268,14 @@ class Sidecar:
             if not plan.requests and not plan.ended:
                 due = min(self._schedule.next_due(), now + self._shortest)
                 # Wake PROMPT_LEAD early and wait out the rest with prompt GIL hand-offs,
-                # so that even the wake-up does not queue behind busy task threads.
-                prompt = due - now <= PROMPT_LEAD
+                # so that even the wake-up does not queue behind busy task threads; keep
+                # them prompt while calls are in flight, for the same reason.
+                busy = self._senders.busy
+                prompt = busy or due - now <= PROMPT_LEAD
                 self._gil.prompt(prompt)
                 wake = due if prompt else due - PROMPT_LEAD
+                if busy:
+                    wake = min(wake, now + BUSY_RECHECK)
                 self._wake_at = wake
                 if not self._stopping.is_set():
                     self._wake.wait(None if wake == math.inf else wake - now)
@@ -265,13 +286,20 @@ class Sidecar:
             if heartbeat.ended is not Ended.HANDED_OVER:
                 self._report.ended(heartbeat, "")
         for request in plan.requests:
-            outcome = self._send(request)
-            with self._lock:
-                answered = self._clock()
-                settled = self._schedule.settle(request, outcome.failures, answered)
-                self._settled.notify_all()
-            for result, detail in zip(settled, outcome.details, strict=True):
-                self._report.settled(result, detail, outcome.error, answered)
+            self._senders.submit(functools.partial(self._deliver, request))
+
+    def _deliver(self, request: Request) -> None:
+        """Send *request* and settle it; runs on a sender thread."""
+        outcome = self._send(request)
+        with self._lock:
+            answered = self._clock()
+            settled = self._schedule.settle(request, outcome.failures, answered)
+            self._settled.notify_all()
+            for result in settled:
+                if result.heartbeat.ended is None and not result.heartbeat.stopped:
+                    self._note_due(result.heartbeat)
+        for result, detail in zip(settled, outcome.details, strict=True):
+            self._report.settled(result, detail, outcome.error, answered)
 
     def _send(self, request: Request) -> _Outcome:
         """Send one request; never raises. Gives one failure (or None) per entry."""

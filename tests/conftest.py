@@ -103,6 +103,7 @@ class Scenario:
         start: bool = True,
         broker_url: str | None = None,
         env: dict[str, str] | None = None,
+        queues: tuple[str, ...] = (),
     ) -> WorkerProcess:
         name = name or f"w{len(self.workers)}"
         env = {
@@ -120,6 +121,7 @@ class Scenario:
             concurrency=concurrency,
             name=name,
             env=env,
+            queues=queues,
             cwd=TESTS,
             log_path=self.tmp / f"{name}.log",
             loglevel="INFO",
@@ -135,13 +137,18 @@ class Scenario:
             w.wait_ready(60)
         return started
 
-    def send(self, conf: dict[str, Any], task: str, *args: Any, **options: Any) -> str:
+    def send(
+        self, conf: dict[str, Any], task: str, *args: Any, queue: str = "", **options: Any
+    ) -> str:
+        """Send *task* to the scenario's queue (or *queue*); its task id."""
         key = json.dumps(conf, sort_keys=True)
         app = self._apps.get(key)
         if app is None:
             app = self._apps[key] = Celery("sender", broker=self.sqs.broker_url)
             app.conf.update(conf)
-        return str(app.send_task(f"worker_app.{task}", args=args, queue=self.queue, **options).id)
+        return str(
+            app.send_task(f"worker_app.{task}", args=args, queue=queue or self.queue, **options).id
+        )
 
     # -- what happened ---------------------------------------------------------------
 

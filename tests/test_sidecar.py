@@ -4,8 +4,10 @@ stop guarantees (a client that blocks on demand)."""
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +17,7 @@ from botocore.stub import Stubber
 
 from celery_sqs_heartbeat._schedule import FIRST_BEAT_WINDOW
 from celery_sqs_heartbeat._settings import HeartbeatOptions
-from celery_sqs_heartbeat._sidecar import THREAD_NAME, Sidecar
+from celery_sqs_heartbeat._sidecar import STOP_WAIT, THREAD_NAME, Sidecar
 from celery_sqs_heartbeat.testing import wait_for
 
 pytestmark = pytest.mark.timeout(30)
@@ -126,22 +128,25 @@ def test_batch_entries_fail_one_by_one(
         },
     )
     sidecar = Sidecar(lambda url: client, call_timeout=1.0)
+    sidecars.append(sidecar)
     options = HeartbeatOptions(True, 10, 30, None)
     clock = [0.0]
     sidecar._clock = lambda: clock[0]
     sidecar.start("a", QUEUE, options)
     sidecar.start("b", QUEUE, options)
     clock[0] = 10.0 + FIRST_BEAT_WINDOW
-    sidecar._step()
+    sidecar._step()  # hands the request to a sender thread
 
-    assert len(sidecar) == 1  # "b" was gone, "a" beats on
+    # "b" was gone, "a" beats on
+    wait_for(lambda: len(sidecar) == 1, timeout=5, what="the batch to be settled")
     assert any("no longer in flight" in r.getMessage() for r in caplog.records)
 
 
 def test_stop_waits_for_the_call_in_flight_and_no_beat_follows(
     sidecars: list[Sidecar],
 ) -> None:
-    """Once stop returns, nothing more is sent for that message."""
+    """Once stop returns, nothing more is sent for that message; a call answered within
+    STOP_WAIT is waited for, so it cannot land after kombu's delete or requeue."""
     entered, release = threading.Event(), threading.Event()
     calls: list[tuple[str, float]] = []
     stop_returned = threading.Event()
@@ -160,13 +165,47 @@ def test_stop_waits_for_the_call_in_flight_and_no_beat_follows(
 
     stopper = threading.Thread(target=lambda: (sidecar.stop("rh"), stop_returned.set()))
     stopper.start()
-    assert not stop_returned.wait(0.2), "stop returned while the call was in flight"
+    assert not stop_returned.wait(STOP_WAIT / 2), "stop returned while the call was in flight"
     release.set()
     stopper.join(5)
     assert stop_returned.is_set()
     count = len(calls)
     sidecar.shutdown(5)
     assert len(calls) == count
+
+
+def test_a_stalled_call_neither_holds_stop_nor_delays_other_heartbeats(
+    sidecars: list[Sidecar],
+) -> None:
+    """A call that never answers: stop returns after STOP_WAIT, and another queue's
+    heartbeat keeps its cadence meanwhile (calls go out on separate sender threads)."""
+    stalled_queue = QUEUE + "-stalled"
+    release = threading.Event()
+    stalled = threading.Event()
+    beats: list[float] = []
+
+    class Client:
+        def change_message_visibility(self, **kw: Any) -> dict[str, Any]:
+            if kw["QueueUrl"] == stalled_queue:
+                stalled.set()
+                release.wait(10)
+            else:
+                beats.append(time.monotonic())
+            return {}
+
+    sidecar = start(sidecars, Client())
+    sidecar.start("stalled", stalled_queue, FAST)
+    sidecar.start("healthy", QUEUE, FAST)
+    assert stalled.wait(5)
+    began = time.monotonic()
+    sidecar.stop("stalled")
+    assert time.monotonic() - began < STOP_WAIT + 0.2
+    # Several intervals of the healthy heartbeat go by while the other call hangs.
+    before = len(beats)
+    wait_for(lambda: len(beats) >= before + 5, timeout=5, what="healthy beats")
+    gaps = [b - a for a, b in itertools.pairwise(beats[before:])]
+    assert max(gaps) < FAST.interval + 0.2, gaps
+    release.set()
 
 
 def test_an_unexpected_error_never_escapes(

@@ -170,3 +170,16 @@ def stats_after(self, seconds: float) -> None:
     _run(self, seconds, spin=False)
     stats = dataclasses.asdict(celery_sqs_heartbeat.stats())
     record("stats", self.request.id, retries=self.request.retries, stats=stats)
+
+
+@app.task(bind=True)
+def until_file(self, path: str, max_seconds: float) -> str:
+    """Runs until *path* exists (the test decides the moment), at most *max_seconds*."""
+    request = self.request
+    receipt_handle = (request.properties or {}).get("delivery_tag")
+    record("start", request.id, retries=request.retries, receipt_handle=receipt_handle)
+    deadline = time.monotonic() + max_seconds
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    record("end", request.id, retries=request.retries, receipt_handle=receipt_handle)
+    return str(request.id)
