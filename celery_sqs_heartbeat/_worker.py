@@ -207,6 +207,17 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
         logger.warning("%s", line)
     if not _enabled_tasks(found):
         return
+    pool = getattr(sender, "pool", None)
+    if getattr(pool, "is_green", False):
+        margin = min(o.visibility_timeout - o.interval for o in found.values() if o.enabled)
+        logger.warning(
+            "celery-sqs-heartbeat: in the %s pool the heartbeat is a greenlet like the "
+            "tasks: a task that never yields (computes for %g s or more without I/O or a "
+            "sleep) starves it, and its message is delivered again. Run CPU-bound tasks in "
+            "a prefork or threads worker.",
+            type(pool).__module__.rpartition(".")[2],
+            margin,
+        )
     if not _broker_is_sqs(app):
         logger.info(
             "celery-sqs-heartbeat: the broker is not SQS, so no heartbeat is sent; "

@@ -45,8 +45,16 @@ def timeouts(request: object) -> set[int]:
     return {int(params["VisibilityTimeout"])}
 
 
-@pytest.mark.parametrize("task", ["sleep", "spin"])
-@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
+#: Each pool with each kind of task. In the green pools a task that never yields starves
+#: every other greenlet, the heartbeat's too: see test_green_pools_warn_that_... below.
+POOL_TASKS = [
+    *((pool, task) for pool in ("prefork", "threads", "solo") for task in ("sleep", "spin")),
+    ("gevent", "sleep"),
+    ("eventlet", "sleep"),
+]
+
+
+@pytest.mark.parametrize(("pool", "task"), POOL_TASKS)
 def test_long_task_runs_exactly_once_with_heartbeat(
     scenario: Scenario, pool: str, task: str
 ) -> None:
@@ -67,7 +75,7 @@ def test_long_task_runs_exactly_once_with_heartbeat(
     assert not [r for r in scenario.beats() if r.status != 200]
 
 
-@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo", "gevent", "eventlet"])
 def test_long_task_runs_twice_without_heartbeat(scenario: Scenario, pool: str) -> None:
     """The twin: the same task and workers with the heartbeat off run it twice."""
     conf = scenario.config(queue_timeout=QUEUE_TIMEOUT, heartbeat=False)
@@ -78,6 +86,26 @@ def test_long_task_runs_twice_without_heartbeat(scenario: Scenario, pool: str) -
 
     assert len(starts) >= 2
     assert not scenario.beats(), "no heartbeat was configured, yet visibility changed"
+
+
+@pytest.mark.parametrize("pool", ["gevent", "eventlet"])
+def test_green_pools_warn_that_a_task_that_never_yields_starves_the_heartbeat(
+    scenario: Scenario, pool: str
+) -> None:
+    """The documented limit of the green pools: the heartbeat is a greenlet, and a task
+    spinning on the CPU never lets it run, so the message is delivered again. The worker
+    says so when it starts."""
+    conf = scenario.config(
+        queue_timeout=QUEUE_TIMEOUT, heartbeat=True, interval=INTERVAL, visibility=VISIBILITY
+    )
+    workers = scenario.start_workers(conf, 2, pool=pool)
+    task_id = scenario.send(conf, "spin", TASK_SECONDS)
+
+    starts = scenario.wait_starts(task_id, 2, timeout=TASK_SECONDS + 20)
+
+    assert len(starts) >= 2
+    for worker in workers:
+        assert len(worker.log_lines("never yields")) == 1, worker.log()
 
 
 def test_setting_alone_turns_heartbeat_on_without_importing_the_package(
