@@ -141,14 +141,19 @@ class Scenario:
         self, conf: dict[str, Any], task: str, *args: Any, queue: str = "", **options: Any
     ) -> str:
         """Send *task* to the scenario's queue (or *queue*); its task id."""
+        app = self.app(conf)
+        return str(
+            app.send_task(f"worker_app.{task}", args=args, queue=queue or self.queue, **options).id
+        )
+
+    def app(self, conf: dict[str, Any]) -> Celery:
+        """A sending (and remote-controlling) app with the workers' settings."""
         key = json.dumps(conf, sort_keys=True)
         app = self._apps.get(key)
         if app is None:
             app = self._apps[key] = Celery("sender", broker=self.sqs.broker_url)
             app.conf.update(conf)
-        return str(
-            app.send_task(f"worker_app.{task}", args=args, queue=queue or self.queue, **options).id
-        )
+        return app
 
     # -- what happened ---------------------------------------------------------------
 

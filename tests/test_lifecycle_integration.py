@@ -154,3 +154,60 @@ def test_fifo_queue_long_task_runs_twice_without_heartbeat(scenario: Scenario) -
     long_id = scenario.send(conf, "sleep", TASK_SECONDS)
 
     assert len(scenario.wait_starts(long_id, 2, timeout=TASK_SECONDS + 20)) >= 2
+
+
+#: The hard time limit of the time-limit test, far shorter than its task.
+TIME_LIMIT = 3
+
+
+@pytest.mark.parametrize("pool", ["prefork", "gevent"])
+def test_hard_time_limit_stops_the_heartbeat_and_releases_the_message(
+    scenario: Scenario, pool: str
+) -> None:
+    """The task is killed (prefork) or interrupted (gevent) at its hard time limit: no
+    beat follows, and Celery settles the message (deleted, as failed) at once; the
+    queue's 30 s timeout plays no part and the task never runs again."""
+    conf = scenario.config(
+        queue_timeout=30,
+        heartbeat=True,
+        interval=INTERVAL,
+        visibility=VISIBILITY,
+        task_annotations={"worker_app.sleep": {"time_limit": TIME_LIMIT}},
+    )
+    scenario.start_workers(conf, 1, pool=pool)
+    task_id = scenario.send(conf, "sleep", 4 * TASK_SECONDS)
+    (start,) = scenario.wait_starts(task_id, 1, timeout=20)
+
+    wait_for(
+        lambda: "Hard time limit" in scenario.logs(), timeout=TIME_LIMIT + 10, what="the limit"
+    )
+    limited_at = time.time()
+    wait_for(lambda: scenario.queue_counts() == (0, 0), timeout=10, what="the message deleted")
+    with pytest.raises(TimeoutError):
+        scenario.wait_starts(task_id, 2, timeout=VISIBILITY + INTERVAL + RECEIVE_SLACK)
+    assert [r.event for r in scenario.runs(task_id)] == ["start"]
+    beats = beats_for(scenario, start.receipt_handle, VISIBILITY)
+    assert len(beats) >= 2, "the task was beaten until its limit"
+    assert not [b for b in beats if b > limited_at], "a beat after the time limit"
+
+
+def test_revoke_does_not_reach_a_worker_on_sqs(scenario: Scenario) -> None:
+    """Celery's remote control needs fanout exchanges, and kombu's SQS transport declares
+    only direct ones (even with ``supports_fanout``), so Celery leaves the worker's
+    control consumer out: ``revoke(terminate=True)`` never reaches it and the task runs
+    to its end, kept once by its heartbeat. If this ever fails, remote control came to
+    SQS, and terminate must be tested like the hard time limit above."""
+    conf = scenario.config(
+        queue_timeout=QUEUE_TIMEOUT, heartbeat=True, interval=INTERVAL, visibility=VISIBILITY
+    )
+    scenario.start_workers(conf, 1, pool="prefork")
+    task_id = scenario.send(conf, "sleep", TASK_SECONDS)
+    scenario.wait_starts(task_id, 1, timeout=20)
+
+    app = scenario.app(conf)
+    app.control.revoke(task_id, terminate=True)
+    assert app.control.ping(timeout=1) == []
+
+    runs = scenario.wait_settled(timeout=TASK_SECONDS + 30)
+    assert [r.event for r in runs if r.task_id == task_id] == ["start", "end"]
+    assert "Terminating" not in scenario.logs()
