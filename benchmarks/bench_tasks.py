@@ -58,3 +58,13 @@ def spin(self, seconds: float) -> None:  # type: ignore[no-untyped-def]
     n = 0
     while time.monotonic() < deadline:
         n += 1
+
+
+@app.task(bind=True)
+def effect(self, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    """The soak's task: records its start and, once done, its one effect, by task id."""
+    path = os.environ["BENCH_EVENTS"]
+    _append(path, {"event": "start", "task_id": self.request.id, "pid": os.getpid()})
+    if seconds:
+        time.sleep(seconds)
+    _append(path, {"event": "done", "task_id": self.request.id})
