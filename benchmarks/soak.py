@@ -124,7 +124,7 @@ def _send(
     return ids
 
 
-def soak(short: int, long: int) -> dict[str, Any]:
+def soak(short: int, long: int, heartbeat: bool = True) -> dict[str, Any]:
     os.environ.update(FAKE_AWS_ENV)
     results: dict[str, Any] = {"short_tasks": short, "long_tasks": long}
     with MotoProcess() as moto:
@@ -136,7 +136,7 @@ def soak(short: int, long: int) -> dict[str, Any]:
         conf = {
             "task_default_queue": queue,
             "task_acks_late": True,
-            "sqs_heartbeat_enabled": True,
+            "sqs_heartbeat_enabled": heartbeat,
             "sqs_heartbeat_interval": INTERVAL,
             "sqs_heartbeat_visibility_timeout": VISIBILITY,
             "broker_transport_options": {**TRANSPORT, "visibility_timeout": QUEUE_TIMEOUT},
@@ -266,8 +266,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--short", type=int, default=SHORT_TASKS)
     parser.add_argument("--long", type=int, default=LONG_TASKS)
+    parser.add_argument(
+        "--heartbeat-off", action="store_true", help="the twin: long tasks run twice"
+    )
     args = parser.parse_args()
-    r = soak(args.short, args.long)
+    r = soak(args.short, args.long, heartbeat=not args.heartbeat_off)
     lines = [
         f"celery-sqs-heartbeat soak: {platform.platform()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}",
@@ -279,7 +282,7 @@ def main() -> int:
     checks = _checks(r)
     lines += [f"  [{'ok' if ok else 'FAILED'}] {text}" for text, ok in checks]
     print("\n".join(lines))
-    if (args.short, args.long) == (SHORT_TASKS, LONG_TASKS):
+    if (args.short, args.long, args.heartbeat_off) == (SHORT_TASKS, LONG_TASKS, False):
         REPORT.write_text("\n".join(lines) + "\n")
     return 0 if all(ok for _, ok in checks) else 1
 
