@@ -36,7 +36,7 @@ from typing import Any, cast
 import boto3
 
 from celery_sqs_heartbeat._senders import MAX_SENDERS
-from celery_sqs_heartbeat.testing import FAKE_AWS_ENV, SQSServer, wait_for
+from celery_sqs_heartbeat.testing import FAKE_AWS_ENV, SQSServer, WorkerProcess, wait_for
 
 from ._stats import MotoProcess
 from .workers import TRANSPORT, Bench
@@ -85,6 +85,18 @@ def _sample(pid: int) -> tuple[int, float]:
         line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
     )
     return int(fields["Threads"]), int(fields["VmRSS"].split()[0]) / 1024
+
+
+def _sample_workers(
+    workers: list[WorkerProcess],
+    samples: dict[int, list[tuple[float, int, float]]],
+    progress: float,
+) -> None:
+    """Add (progress, threads, RSS) of every process of *workers* to *samples*."""
+    for w in workers:
+        for pid in _process_tree(w.pid):
+            with contextlib.suppress(OSError):  # a process that just ended
+                samples.setdefault(pid, []).append((progress, *_sample(pid)))
 
 
 def _events(path: Path) -> list[dict[str, Any]]:
@@ -165,12 +177,7 @@ def soak(short: int, long: int, heartbeat: bool = True) -> dict[str, Any]:
                     now = time.time()
                     if now >= next_sample:
                         next_sample = now + SAMPLE_EVERY
-                        for w in workers:
-                            for pid in _process_tree(w.pid):
-                                with contextlib.suppress(OSError):
-                                    samples.setdefault(pid, []).append(
-                                        (done / len(jobs), *_sample(pid))
-                                    )
+                        _sample_workers(workers, samples, done / len(jobs))
                     now_done = sum(e["event"] == "done" for e in _events(events))
                     for _ in range(now_done - done):
                         room.release()
@@ -190,10 +197,7 @@ def soak(short: int, long: int, heartbeat: bool = True) -> dict[str, Any]:
                 what="the queue to be empty",
             )
             left = _queue_counts(moto.endpoint_url, queue)
-            for w in workers:
-                for pid in _process_tree(w.pid):
-                    with contextlib.suppress(OSError):
-                        samples.setdefault(pid, []).append((1.0, *_sample(pid)))
+            _sample_workers(workers, samples, 1.0)
         finally:
             for w in workers:
                 w.stop()

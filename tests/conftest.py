@@ -215,9 +215,9 @@ class Scenario:
             what=f"{n} start(s) of task {task_id}",
         )
 
-    def beats(self) -> list[RecordedRequest]:
-        """Visibility changes the server answered for this scenario's queue."""
-        url_tail = f"/{self.queue}"
+    def beats(self, queue: str = "") -> list[RecordedRequest]:
+        """Visibility changes the server answered for this scenario's queue (or *queue*)."""
+        url_tail = f"/{queue or self.queue}"
         return [
             r
             for r in self.sqs.visibility_changes()

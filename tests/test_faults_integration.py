@@ -49,18 +49,15 @@ def proxy(sqs: SQSServer) -> Iterator[FaultProxy]:
         yield p
 
 
-def accepted_beats(scenario: Scenario, queue: str | None = None) -> list[RecordedRequest]:
-    tail = f"/{queue or scenario.queue}"
+def accepted_beats(scenario: Scenario, queue: str = "") -> list[RecordedRequest]:
     return [
         r
-        for r in scenario.sqs.visibility_changes()
-        if r.status == 200
-        and str(r.params.get("QueueUrl", "")).endswith(tail)
-        and r.params.get("VisibilityTimeout", VISIBILITY) == VISIBILITY
+        for r in scenario.beats(queue)
+        if r.status == 200 and r.params.get("VisibilityTimeout", VISIBILITY) == VISIBILITY
     ]
 
 
-def wait_first_beat(scenario: Scenario, queue: str | None = None) -> None:
+def wait_first_beat(scenario: Scenario, queue: str = "") -> None:
     wait_for(lambda: accepted_beats(scenario, queue), timeout=30, what=f"a first beat on {queue}")
 
 
