@@ -9,8 +9,10 @@ Faults (what a stressed or broken SQS endpoint does):
 
 * ``throttle``: HTTP 400 ``RequestThrottled``, as SQS answers a caller over its rate;
 * ``error500`` / ``error503``: ``InternalError`` / ``ServiceUnavailable``;
-* ``stall``: hold the request until the window ends, then forward it (the caller has
-  usually given up by then);
+* ``stall``: hold the request unanswered until the window ends, then reset it (the
+  caller has usually given up by then). Never answering it keeps the outage exactly as
+  long as the window: an answer at its end would reach a caller whose attempt began
+  within its time-out of the end, and shorten the outage it sees;
 * ``refuse``: reset the connection without an answer, as an endpoint that refuses or
   drops connections (the caller sees a connection error).
 """
@@ -206,6 +208,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._answer_error(*_ERRORS[fault.kind])
                 return
             self.owner._stall(fault)
+            self._reset()
+            return
         self._forward(body)
 
     def _forward(self, body: bytes) -> None:

@@ -34,8 +34,10 @@ INTERVAL = 1
 VISIBILITY = 6
 #: The queue's own timeout: what the message has before its first beat.
 QUEUE_TIMEOUT = 6
-#: Shorter than VISIBILITY - INTERVAL, so the last beat before it still covers it.
-SHORT_OUTAGE = 3.5
+#: Shorter than VISIBILITY - INTERVAL, so the last beat before it still covers it, and
+#: longer than INTERVAL + half that margin, so the first beat after it is late whatever
+#: the outage's phase against the beats (lateness >= SHORT_OUTAGE - INTERVAL = 3.5 s).
+SHORT_OUTAGE = 4.5
 #: Longer than VISIBILITY: the message's visibility runs out in the middle of it.
 LONG_OUTAGE = 9.0
 TASK_SECONDS = 9
