@@ -2,11 +2,13 @@
 
 A real task object with SQS message properties goes through what the worker's tracer
 does around every task (push the request, send task_prerun, send task_postrun, pop the
-request), in three arms interleaved round by round so that machine drift hits all
-three alike:
+request), in arms interleaved round by round so that machine drift hits all alike:
 
 * baseline: no heartbeat receivers at all;
-* heartbeat: this package installed (the task is shorter than one interval: no call);
+* heartbeat: this package installed, the task in the sidecar's own process (threads,
+  solo, green pools); the task is shorter than one interval, so no call. Its heartbeat is
+  made at prerun here, which costs what ``task_received`` costs in a worker;
+* heartbeat, prefork child: the same handlers in a pool child, which write its slot;
 * naive: a hand-written heartbeat that starts one thread per task at prerun and stops
   and joins it at postrun;
 * dispatch: two receivers that do nothing, i.e. what Celery's signal dispatch alone
@@ -24,6 +26,7 @@ from celery import Celery, signals
 
 import celery_sqs_heartbeat
 from celery_sqs_heartbeat import _worker
+from celery_sqs_heartbeat._slots import Slots
 
 from ._stats import percentile
 
@@ -117,7 +120,13 @@ def run() -> dict[str, Any]:
     noop = app.tasks["bench.noop"]  # the registered task object, as the worker sends it
 
     naive = Naive()
-    samples: dict[str, list[int]] = {"baseline": [], "heartbeat": [], "naive": [], "dispatch": []}
+    samples: dict[str, list[int]] = {
+        "baseline": [],
+        "heartbeat": [],
+        "child": [],
+        "naive": [],
+        "dispatch": [],
+    }
     # Installed once, as in a worker, so the sidecar thread and its client exist before
     # the first task; each round then connects only the two task handlers.
     celery_sqs_heartbeat.install(app)
@@ -129,11 +138,14 @@ def run() -> dict[str, Any]:
     for sig, fn in handlers:
         sig.disconnect(fn, dispatch_uid=f"celery_sqs_heartbeat.{fn.__name__}")
     _worker.ensure_sidecar(app)
+    slots = Slots(1)
 
     def arm(name: str) -> None:
-        if name == "heartbeat":
+        if name in ("heartbeat", "child"):
             for sig, fn in handlers:
                 sig.connect(fn, weak=False)
+            if name == "child":  # what worker_init and worker_process_init set up
+                _worker._state.slots, _worker._state.slot = slots, 0
         elif name == "naive":
             signals.task_prerun.connect(naive.prerun, weak=False)
             signals.task_postrun.connect(naive.postrun, weak=False)
@@ -144,9 +156,10 @@ def run() -> dict[str, Any]:
             for i in range(PER_ROUND):
                 samples[name].append(_one(noop, i))
         finally:
-            if name == "heartbeat":
+            if name in ("heartbeat", "child"):
                 for sig, fn in handlers:
                     sig.disconnect(fn)
+                _worker._state.slots = _worker._state.slot = None
             elif name == "naive":
                 signals.task_prerun.disconnect(naive.prerun)
                 signals.task_postrun.disconnect(naive.postrun)
@@ -173,6 +186,7 @@ def run() -> dict[str, Any]:
     p50 = {k: percentile(v, 50) for k, v in us.items()}
     p99 = {k: percentile(v, 99) for k, v in us.items()}
     added50 = p50["heartbeat"] - p50["baseline"]
+    child50 = p50["child"] - p50["baseline"]
     added99 = p99["heartbeat"] - p99["baseline"]
     naive50 = p50["naive"] - p50["baseline"]
     return {
@@ -185,6 +199,8 @@ def run() -> dict[str, Any]:
         "p99": p99,
         "added_p50_us": added50,
         "added_p99_us": added99,
+        "child_added_p50_us": child50,
+        "child_added_p99_us": p99["child"] - p99["baseline"],
         "naive_added_p50_us": naive50,
         "cheaper_than_naive": naive50 / added50 if added50 > 0 else float("inf"),
     }

@@ -17,6 +17,9 @@ import boto3
 
 from celery_sqs_heartbeat import signals
 from celery_sqs_heartbeat._client import BrokerInfo, Clients
+from celery_sqs_heartbeat._heartbeat import Heartbeat
+from celery_sqs_heartbeat._report import Counters, Reporter
+from celery_sqs_heartbeat._send import Sender
 from celery_sqs_heartbeat._settings import HeartbeatOptions
 from celery_sqs_heartbeat._sidecar import Sidecar
 from celery_sqs_heartbeat.testing import FAKE_AWS_ENV
@@ -51,12 +54,21 @@ def _messages(client: Any) -> list[tuple[str, str]]:
     return found
 
 
+def _sidecar(clients: Any) -> Sidecar:
+    reporter = Reporter(Counters(), region=lambda: None)
+    return Sidecar(Sender(clients), reporter, call_timeout=5.0)
+
+
+def _add(sidecar: Sidecar, url: str, handle: str, task_id: str) -> None:
+    sidecar.add(Heartbeat(handle, url, OPTIONS, time.monotonic(), "bench.task", task_id))
+
+
 def _memory_per_heartbeat(messages: list[tuple[str, str]]) -> float:
-    sidecar = Sidecar(lambda url: None, call_timeout=1.0)  # not started: no beats
+    sidecar = _sidecar(lambda url: None)  # not started: no beats
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
     for url, handle in messages:
-        sidecar.start(handle, url, OPTIONS, "bench.task", "task-id")
+        _add(sidecar, url, handle, "task-id")
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
     grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
@@ -81,7 +93,7 @@ def run() -> dict[str, Any]:
         )
         clients = Clients(broker, timeout=5.0)
         clients.warm_up()
-        sidecar = Sidecar(clients.for_queue, call_timeout=5.0)
+        sidecar = _sidecar(clients.for_queue)
         beats: list[tuple[float, float]] = []
         failures: list[str] = []
 
@@ -102,7 +114,7 @@ def run() -> dict[str, Any]:
                 delay = start + i * INTERVAL / len(messages) - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                sidecar.start(handle, url, OPTIONS, "bench.task", str(i))
+                _add(sidecar, url, handle, str(i))
             cpu_from, steady_from = _thread_cpu_seconds(thread), time.monotonic()
             # Beats begin one interval after the first registration: the next two
             # intervals see every heartbeat beat twice.

@@ -11,7 +11,7 @@ workers. Checked at the end:
   task ended;
 * no heartbeat lost its message;
 * no worker process gained more threads after warming up than the heartbeat's sender
-  threads, which are made on demand up to MAX_SENDERS (so the count is bounded, not
+  threads, which are made on demand up to MAX_CALLS (so the count is bounded, not
   growing with tasks), and none gained more than RSS_GROWTH_LIMIT_MB of memory.
 
 Prints the numbers (and the machine) and exits with status 1 if a check fails.
@@ -35,7 +35,7 @@ from typing import Any, cast
 
 import boto3
 
-from celery_sqs_heartbeat._senders import MAX_SENDERS
+from celery_sqs_heartbeat._sidecar import MAX_CALLS
 from celery_sqs_heartbeat.testing import FAKE_AWS_ENV, SQSServer, WorkerProcess, wait_for
 
 from ._stats import MotoProcess
@@ -258,7 +258,7 @@ def _checks(r: dict[str, Any]) -> list[tuple[str, bool]]:
             (
                 f"process {p['pid']}: threads {p['threads_warm']} -> {p['threads_end']} "
                 f"(max {p['threads_max']}), RSS {p['rss_warm_mb']} -> {p['rss_end_mb']} MB",
-                p["threads_max"] - p["threads_warm"] <= MAX_SENDERS
+                p["threads_max"] - p["threads_warm"] <= MAX_CALLS
                 and p["rss_end_mb"] - p["rss_warm_mb"] <= RSS_GROWTH_LIMIT_MB,
             )
             for p in r["processes"]

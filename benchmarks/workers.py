@@ -1,8 +1,9 @@
-"""Figures 2-4: real ``celery worker`` processes against moto's server on loopback.
+"""Figures 2-4 and 6: real ``celery worker`` processes against moto's server on loopback.
 
 2. Throughput of no-op tasks, heartbeat on vs off, arms alternated (ABBA).
 3. SQS requests the heartbeat makes for 50 concurrent long tasks in one threads worker.
 4. Punctuality of beats while tasks spin on the CPU in pure Python.
+6. Memory of an idle prefork worker, heartbeat on vs off, per process.
 """
 
 from __future__ import annotations
@@ -255,16 +256,22 @@ def _count(path: Path, event: str) -> int:
     return sum(json.loads(line)["event"] == event for line in path.read_text().splitlines())
 
 
+#: Interval and window of the punctuality figure: lateness must stay well within the
+#: margin between them.
+PUNCTUALITY_INTERVAL = 1.0
+PUNCTUALITY_WINDOW = 4
+
+
 def punctuality(bench: Bench, seconds: float = 10.0) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    for pool, spinning in (("threads", 1), ("threads", 4), ("threads", 8), ("prefork", 1)):
+    for pool, spinning in (("threads", 1), ("threads", 4), ("threads", 8), ("prefork", 8)):
         queue = f"punct-{uuid.uuid4().hex[:8]}"
         conf = _conf(
             queue,
             True,
             worker_prefetch_multiplier=1,
-            sqs_heartbeat_interval=1.0,
-            sqs_heartbeat_visibility_timeout=5,
+            sqs_heartbeat_interval=PUNCTUALITY_INTERVAL,
+            sqs_heartbeat_visibility_timeout=PUNCTUALITY_WINDOW,
         )
         conf["broker_transport_options"]["visibility_timeout"] = 3
         events = bench.tmp / f"{queue}.jsonl"
@@ -293,11 +300,60 @@ def punctuality(bench: Bench, seconds: float = 10.0) -> dict[str, Any]:
     return results
 
 
+# -- figure 6 -----------------------------------------------------------------------
+
+#: Pool processes of the memory figure's worker.
+MEMORY_CONCURRENCY = 4
+#: How long the worker idles after it is ready before its memory is read.
+MEMORY_SETTLE_SECONDS = 3.0
+
+
+def _pss_mb(pid: int) -> float:
+    """Proportional set size: private pages, plus shared ones divided among sharers."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no Pss for process {pid}")
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def memory(bench: Bench) -> list[dict[str, Any]]:
+    """PSS of an idle prefork worker's main process and of its pool children (mean),
+    heartbeat off and on, one worker after the other, against the same server."""
+    rows: list[dict[str, Any]] = []
+    for heartbeat in (False, True):
+        conf = _conf(f"mem-{uuid.uuid4().hex[:8]}", heartbeat)
+        worker = bench.worker(conf, "prefork", MEMORY_CONCURRENCY).start().wait_ready(60)
+        try:
+            time.sleep(MEMORY_SETTLE_SECONDS)
+            assert worker.process is not None
+            main = worker.process.pid
+            children = _children(main)
+            arm = "on" if heartbeat else "off"
+            rows.append({"process": "main", "heartbeat": arm, "pss_mb": _pss_mb(main)})
+            rows.append(
+                {
+                    "process": "child",
+                    "heartbeat": arm,
+                    "pss_mb": sum(_pss_mb(c) for c in children) / len(children),
+                }
+            )
+        finally:
+            worker.stop()
+    return rows
+
+
 def run() -> dict[str, Any]:
     os.environ.update(FAKE_AWS_ENV)
     with SQSServer() as sqs:
         bench = Bench(sqs)
         return {
+            "memory": memory(bench),
             "throughput": throughput(bench),
             "calls": sqs_calls(bench),
             "punctuality": punctuality(bench),
@@ -308,7 +364,7 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("figure", choices=["throughput", "calls", "punctuality"])
+    parser.add_argument("figure", choices=["memory", "throughput", "calls", "punctuality"])
     args = parser.parse_args()
     os.environ.update(FAKE_AWS_ENV)
     with SQSServer() as server:

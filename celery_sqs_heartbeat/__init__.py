@@ -81,7 +81,7 @@ def current() -> TaskHeartbeat | None:
     """The heartbeat of the task running in this thread, for manual control.
 
     None outside a task, and for a task without a heartbeat (not from SQS, heartbeat
-    off, no ``acks_late``, eager). Call it from the task's own thread::
+    off, eager). Call it from the task's own thread::
 
         hb = celery_sqs_heartbeat.current()
         if hb is not None:
@@ -93,23 +93,15 @@ def current() -> TaskHeartbeat | None:
     from . import _worker
 
     task = current_task._get_current_object() if current_task else None
-    task_id = getattr(getattr(task, "request", None), "id", None)
-    if not task_id:
-        return None
-    found = _worker.running_heartbeat(task_id)
-    if found is None:
-        return None
-    sidecar, heartbeat = found
-    return TaskHeartbeat(sidecar, heartbeat)
+    return None if task is None else _worker.current(task)
 
 
 def stats() -> Stats:
-    """Counters of the heartbeats in this process: active, beats sent, late, failed, lost.
+    """Counters of the worker's heartbeats: active, beats sent, late, failed, lost.
 
-    Per process: in a prefork worker, call it from the pool child (a task, or a
-    ``worker_process_*`` signal), not from the main process.
+    Worker-wide: in a prefork worker the pool children and the main process share them,
+    so a task sees the same numbers as a ``worker_ready`` or ``celeryd_init`` receiver.
     """
     from . import _worker
 
-    sidecar = _worker.current_sidecar()
-    return Stats() if sidecar is None else sidecar.stats()
+    return _worker.counters().stats()

@@ -14,9 +14,14 @@ from typing import Any
 
 from ._client import BrokerInfo, Clients, call_timeout
 from ._errors import Failure, classify_exception, queue_arn
-from ._schedule import FIRST_BEAT_WINDOW, START_ALLOWANCE
-from ._settings import ConfigurationError, HeartbeatOptions
-from ._worker import check_app, shortest_interval, task_rows
+from ._heartbeat import START_ALLOWANCE, TICK
+from ._settings import (
+    ConfigurationError,
+    HeartbeatOptions,
+    resolve_tasks,
+    shortest_interval,
+    task_rows,
+)
 
 #: A well-formed receipt handle no message can have, for the permission probe.
 PROBE_RECEIPT_HANDLE = "celery-sqs-heartbeat-permission-probe"
@@ -54,7 +59,7 @@ def check(app: Any) -> Report:
     """Everything the preflight check finds; ``problems`` empty means good to go."""
     report = Report()
     try:
-        options = check_app(app)
+        options = resolve_tasks(app)
     except ConfigurationError as exc:
         report.problems.append(str(exc))
         return report
@@ -81,7 +86,7 @@ def check(app: Any) -> Report:
         q.tasks.append(row["task"])
         # The queue's own timeout covers a message until its task's first beat, and
         # the moment between its receipt and its task's start.
-        first = row["interval"] + FIRST_BEAT_WINDOW + START_ALLOWANCE
+        first = row["interval"] + TICK + START_ALLOWANCE
         q.first_beat = first if q.first_beat is None else max(q.first_beat, first)
         if not row["acks_late"]:
             report.problems.append(
@@ -91,7 +96,7 @@ def check(app: Any) -> Report:
     if not queues:
         report.notes.append("no task has the heartbeat enabled (sqs_heartbeat_enabled)")
     enabled = [o for o in options.values() if o.enabled]
-    clients = Clients(broker, timeout=call_timeout(shortest_interval(app)))
+    clients = Clients(broker, timeout=call_timeout(shortest_interval(app, options)))
     for q in queues.values():
         _check_queue(q, broker, clients, report)
     report.queues = list(queues.values())

@@ -1,9 +1,7 @@
-"""The ``celery sqs-heartbeat`` command, and the hook that installs the heartbeat.
+"""The ``celery sqs-heartbeat`` command: the effective settings, and the preflight check.
 
-This module is the package's ``celery.commands`` entry point. The ``celery`` program
-imports every such entry point when it starts, so importing this module is what
-installs the heartbeat for workers started with ``celery worker`` without any user
-module importing the package.
+It reads the app's configuration itself and imports no signal handler: ``_plugin``, the
+package's entry point, installs those.
 """
 
 from __future__ import annotations
@@ -14,16 +12,9 @@ from typing import Any
 import click
 from celery.bin.base import handle_preload_options
 
-from . import _worker
-from ._settings import ConfigurationError
-
-_worker.connect(None)
+from ._settings import ConfigurationError, resolve_tasks, startup_warnings, task_rows
 
 _COLUMNS = ("task", "enabled", "interval", "visibility_timeout", "max_duration", "acks_late")
-
-
-def _rows(app: Any) -> list[dict[str, Any]]:
-    return _worker.task_rows(app, _worker.check_app(app))
 
 
 def _table(rows: list[dict[str, Any]], columns: tuple[str, ...] = _COLUMNS) -> str:
@@ -57,14 +48,15 @@ def sqs_heartbeat(ctx: click.Context, as_json: bool, **_: Any) -> None:
         return
     app = ctx.obj.app
     try:
-        rows = _rows(app)
+        found = resolve_tasks(app)
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from None
+    rows = task_rows(app, found)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     click.echo(_table(rows))
-    for line in _worker.startup_warnings(app, _worker.check_app(app)):
+    for line in startup_warnings(app, found):
         click.echo(f"warning: {line}", err=True)
     if not any(r["enabled"] for r in rows):
         click.echo("No task has the heartbeat enabled (sqs_heartbeat_enabled).", err=True)

@@ -88,6 +88,18 @@ _TRANSIENT_CODES = frozenset(
         "RequestExpired",
     }
 )
+#: What an endpoint that lacks an action answers (GoAws, for one, has no
+#: ``ChangeMessageVisibilityBatch``): the batch is then sent as single calls.
+_UNSUPPORTED_CODES = frozenset(
+    {
+        "UnsupportedOperation",
+        "AWS.SimpleQueueService.UnsupportedOperation",
+        "InvalidAction",
+        "UnknownOperation",
+        "UnknownOperationException",
+        "NotImplemented",
+    }
+)
 #: Fragments of an ``InvalidParameterValue`` message. Real SQS says a message that was
 #: deleted or received again "does not exist or is not available for visibility timeout
 #: change"; past the 12-hour cap it says the total is "beyond the limit".
@@ -132,6 +144,23 @@ def classify_exception(exc: BaseException) -> Failure:
     if isinstance(exc, BotoCoreError):
         return Failure.UNKNOWN
     return Failure.UNKNOWN
+
+
+def is_unsupported(exc: BaseException) -> bool:
+    """Whether *exc* says the endpoint does not implement the action called."""
+    if not isinstance(exc, ClientError):
+        return False
+    error: Mapping[str, Any] = exc.response.get("Error", {})
+    return bool({error.get("Code"), error.get("QueryErrorCode")} & _UNSUPPORTED_CODES)
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line description of an SQS call's exception, for logs and signals."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        err = response.get("Error", {})
+        return f"{err.get('Code', type(exc).__name__)}: {err.get('Message', '')}".strip(": ")
+    return f"{type(exc).__name__}: {exc}"
 
 
 def classify_batch_entry(entry: Mapping[str, Any]) -> Failure:

@@ -1,33 +1,34 @@
-"""What the heartbeat tells people: log lines, its own signals, and per-process stats.
+"""What the heartbeat tells people: log lines, its own signals, and the worker's counters.
 
 Kept apart from the sidecar so that every outcome is reported in one place, once: the
-log level, the signal and the counter for an event are decided together.
+log level, the signal and the counter for an event are decided together. The counters
+live in memory that a prefork worker shares with its pool children, so ``stats()``
+gives the same worker-wide numbers in a task as in the main process.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import signals
 from ._errors import Failure, describe_denied
-from ._schedule import Ended, Heartbeat, Settled
+from ._heartbeat import Ended, Heartbeat
 
 logger = logging.getLogger("celery_sqs_heartbeat")
 
-#: ``reason`` of ``heartbeat_stopped`` when the task ended normally (postrun).
-TASK_ENDED = "task ended"
+_FAILURES = tuple(Failure)
 
 
 @dataclass(frozen=True)
 class Stats:
-    """Counters of one worker process since it started (see :func:`stats`)."""
+    """Counters of one worker since it started (see :func:`stats`)."""
 
-    #: Heartbeats running now.
+    #: Heartbeats running now (messages received and not yet settled).
     active: int = 0
     started: int = 0
     stopped: int = 0
@@ -40,6 +41,66 @@ class Stats:
     messages_lost: int = 0
 
 
+class _Counts(ctypes.Structure):
+    _fields_ = [
+        ("started", ctypes.c_int64),
+        ("stopped", ctypes.c_int64),
+        ("beats_sent", ctypes.c_int64),
+        ("late_beats", ctypes.c_int64),
+        ("messages_lost", ctypes.c_int64),
+        ("failures", ctypes.c_int64 * len(_FAILURES)),
+    ]
+
+
+#: Bytes the counters take in a buffer shared with pool children.
+COUNTS_SIZE = ctypes.sizeof(_Counts)
+
+
+class Counters:
+    """The worker's counters, in *buffer* (shared with pool children) or private memory.
+
+    *lock* must be process-shared when the buffer is; every change is a few stores under it.
+    """
+
+    def __init__(self, buffer: Any = None, lock: Any = None) -> None:
+        self._counts = _Counts() if buffer is None else _Counts.from_buffer(buffer)
+        self._lock = lock if lock is not None else threading.Lock()
+
+    def started(self) -> None:
+        with self._lock:
+            self._counts.started += 1
+
+    def stopped(self, lost: bool) -> None:
+        with self._lock:
+            self._counts.stopped += 1
+            if lost:
+                self._counts.messages_lost += 1
+
+    def sent(self, late: bool) -> None:
+        with self._lock:
+            self._counts.beats_sent += 1
+            if late:
+                self._counts.late_beats += 1
+
+    def failed(self, failure: Failure) -> None:
+        with self._lock:
+            self._counts.failures[_FAILURES.index(failure)] += 1
+
+    def stats(self) -> Stats:
+        with self._lock:
+            c = self._counts
+            failures = {f.value: n for f, n in zip(_FAILURES, c.failures, strict=True) if n}
+            return Stats(
+                active=c.started - c.stopped,
+                started=c.started,
+                stopped=c.stopped,
+                beats_sent=c.beats_sent,
+                late_beats=c.late_beats,
+                failures=failures,
+                messages_lost=c.messages_lost,
+            )
+
+
 def _common(hb: Heartbeat) -> dict[str, Any]:
     return {
         "task_name": hb.task_name,
@@ -50,33 +111,15 @@ def _common(hb: Heartbeat) -> dict[str, Any]:
 
 
 class Reporter:
-    """Logs, signals and counts the heartbeat's events for one process."""
+    """Logs, signals and counts the heartbeat's events."""
 
-    def __init__(self, *, region: Callable[[], str | None] = lambda: None) -> None:
+    def __init__(self, counters: Counters, *, region: Callable[[], str | None]) -> None:
+        self.counters = counters
         self._region = region
-        # Written by the heartbeat thread, and by task threads that extend by hand: each
-        # increment under this lock (a beat's worth of work, never on a task's hot path).
-        self._counting = threading.Lock()
-        self._beats_sent = self._late_beats = self._messages_lost = 0
-        self._failures: Counter[str] = Counter()
         self._denied_queues: set[str] = set()
 
-    def stats(self, active: int, started: int, stopped: int) -> Stats:
-        with self._counting:
-            failures = dict(self._failures)
-        return Stats(
-            active=active,
-            started=started,
-            stopped=stopped,
-            beats_sent=self._beats_sent,
-            late_beats=self._late_beats,
-            failures=failures,
-            messages_lost=self._messages_lost,
-        )
-
-    # -- from the task's thread --------------------------------------------------------
-
     def started(self, hb: Heartbeat) -> None:
+        self.counters.started()
         if signals.heartbeat_started.receivers:
             signals.heartbeat_started.send(
                 sender=None,
@@ -85,102 +128,77 @@ class Reporter:
                 **_common(hb),
             )
 
-    def stopped(self, hb: Heartbeat, reason: str = TASK_ENDED) -> None:
-        if signals.heartbeat_stopped.receivers:
-            signals.heartbeat_stopped.send(
-                sender=None, reason=reason, beats=hb.beats, **_common(hb)
-            )
-
-    # -- from the heartbeat's thread ---------------------------------------------------
-
-    def settled(
-        self, result: Settled, detail: str, error: BaseException | None, answered: float
-    ) -> None:
-        """Report one entry of a request SQS answered (or failed to) at *answered*."""
-        hb = result.heartbeat
-        if hb.stopped and hb.ended is None and result.failure is not None:
-            return  # its task ended while the call was in flight: the failure is moot
-        if result.failure is None:
-            self._beat_sent(result, answered)
-            return
-        self._failed(hb, result.failure, detail, result.retry_in)
-        if hb.ended is not None:
-            self.ended(hb, detail)
-        elif hb.failures == 1 or result.failure is Failure.UNKNOWN:
-            unknown = result.failure is Failure.UNKNOWN
-            (logger.error if unknown else logger.warning)(
-                "Heartbeat of task %s[%s] failed (%s: %s); retrying in %.2f s while its "
-                "message stays hidden.",
-                hb.task_name,
-                hb.task_id,
-                result.failure.value,
-                detail,
-                result.retry_in or 0.0,
-                exc_info=error if unknown and hb.failures == 1 else None,
-            )
-
-    def extended(
+    def beat(
         self,
         hb: Heartbeat,
-        seconds: int,
+        *,
+        asked: int,
         failure: Failure | None,
         detail: str,
         error: BaseException | None,
+        lateness: float,
+        retry_in: float | None,
+        manual: bool = False,
+        moot: bool = False,
     ) -> None:
-        """Report a manual extension asked by the task itself (from the task's thread)."""
+        """Report one entry of a request SQS answered, or failed to. *moot*: the
+        heartbeat had already ended (its task ended while the call was in flight), so
+        only what SQS took counts. A failure that ends the heartbeat is then reported
+        by :meth:`ended`."""
         if failure is None:
-            self._sent(hb, seconds, lateness=0.0, late=False)
+            self._sent(hb, asked, lateness, manual)
             return
-        self._failed(hb, failure, detail, retry_in=None)
+        if moot:
+            return
+        self.counters.failed(failure)
+        if signals.beat_failed.receivers:
+            signals.beat_failed.send(
+                sender=None, failure=failure.value, detail=detail, retry_in=retry_in, **_common(hb)
+            )
         if hb.ended is not None:
-            self.ended(hb, detail)
-        else:
+            return
+        if manual:
             logger.warning(
                 "Extension of task %s[%s]'s message by %d s failed (%s: %s); its regular "
                 "beats go on.",
                 hb.task_name,
                 hb.task_id,
-                seconds,
+                asked,
                 failure.value,
                 detail,
                 exc_info=error if failure is Failure.UNKNOWN else None,
             )
+        elif hb.failures == 1 or failure is Failure.UNKNOWN:
+            unknown = failure is Failure.UNKNOWN
+            (logger.error if unknown else logger.warning)(
+                "Heartbeat of task %s[%s] failed (%s: %s); retrying in %.2f s while its "
+                "message stays hidden.",
+                hb.task_name,
+                hb.task_id,
+                failure.value,
+                detail,
+                retry_in or 0.0,
+                exc_info=error if unknown and hb.failures == 1 else None,
+            )
 
-    def _sent(self, hb: Heartbeat, visibility_timeout: int, lateness: float, late: bool) -> None:
-        """Count a beat SQS accepted and tell ``beat_sent`` receivers."""
-        with self._counting:
-            self._beats_sent += 1
-            self._late_beats += late
+    def _sent(self, hb: Heartbeat, asked: int, lateness: float, manual: bool) -> None:
+        late = not manual and lateness > (hb.visibility_timeout - hb.interval) / 2
+        self.counters.sent(late)
         if signals.beat_sent.receivers:
             signals.beat_sent.send(
                 sender=None,
                 beats=hb.beats,
-                visibility_timeout=visibility_timeout,
+                visibility_timeout=asked,
                 lateness=lateness,
                 **_common(hb),
             )
-
-    def _failed(self, hb: Heartbeat, failure: Failure, detail: str, retry_in: float | None) -> None:
-        """Count a failed attempt and tell ``beat_failed`` receivers."""
-        with self._counting:
-            self._failures[failure.value] += 1
-        if signals.beat_failed.receivers:
-            signals.beat_failed.send(
-                sender=None, failure=failure.value, detail=detail, retry_in=retry_in, **_common(hb)
-            )
-
-    def _beat_sent(self, result: Settled, answered: float) -> None:
-        hb = result.heartbeat
-        late = result.lateness > (hb.visibility_timeout - hb.interval) / 2
-        self._sent(hb, result.visibility_timeout, max(0.0, answered - result.due), late)
         if late:
             logger.warning(
-                "Heartbeat of task %s[%s] was late by %.1f s (after %d failed attempts); its "
-                "message on %s stayed hidden, but with less margin than configured.",
+                "Heartbeat of task %s[%s] was late by %.1f s; its message on %s stayed "
+                "hidden, but with less margin than configured.",
                 hb.task_name,
                 hb.task_id,
-                result.lateness,
-                hb.failures,
+                lateness,
                 hb.queue_url,
             )
         elif logger.isEnabledFor(logging.DEBUG):
@@ -190,26 +208,29 @@ class Reporter:
                 hb.beats,
                 hb.task_name,
                 hb.task_id,
-                result.visibility_timeout,
+                asked,
                 hb.queue_url,
-                result.lateness,
+                lateness,
             )
 
-    def ended(self, hb: Heartbeat, detail: str) -> None:
-        """A heartbeat ended without its task ending: log why, once, and tell receivers."""
+    def ended(self, hb: Heartbeat, detail: str = "") -> None:
+        """A heartbeat ended: count it, tell receivers, and say why once if it is not
+        the normal end of its message."""
         reason = hb.ended
         assert reason is not None
-        if reason is not Ended.MAX_DURATION:
-            with self._counting:
-                self._messages_lost += 1
-            if signals.message_lost.receivers:
-                signals.message_lost.send(sender=None, reason=reason.value, **_common(hb))
-        self.stopped(hb, reason.value)
+        self.counters.stopped(reason.lost)
+        if reason.lost and signals.message_lost.receivers:
+            signals.message_lost.send(sender=None, reason=reason.value, **_common(hb))
+        if signals.heartbeat_stopped.receivers:
+            signals.heartbeat_stopped.send(
+                sender=None, reason=reason.value, beats=hb.beats, **_common(hb)
+            )
+        if not reason.lost and reason is not Ended.MAX_DURATION:
+            return  # the normal end of a message
         task = f"{hb.task_name}[{hb.task_id}]"
         if reason is Ended.DENIED:
-            first = hb.queue_url not in self._denied_queues
-            self._denied_queues.add(hb.queue_url)
-            if first:
+            if hb.queue_url not in self._denied_queues:
+                self._denied_queues.add(hb.queue_url)
                 logger.error(
                     "Heartbeat of task %s stopped: %s (%s). Its message will be visible "
                     "again when its current visibility runs out.",
@@ -239,7 +260,7 @@ class Reporter:
                 task,
                 hb.beats,
             )
-        else:
+        elif reason is Ended.MAX_DURATION:
             logger.warning(
                 "Heartbeat of task %s stopped after %d beats: sqs_heartbeat_max_duration "
                 "reached; its message will be visible again within %d s.",

@@ -221,3 +221,64 @@ def _pace_error(
         "visibility runs out between two beats",
         task,
     )
+
+
+# -- every task of an app ----------------------------------------------------------------
+
+
+def resolve_tasks(app: Any) -> dict[str, HeartbeatOptions]:
+    """Validate the global settings and every registered task's options.
+
+    Raises :class:`ConfigurationError` on the first bad one; fills no cache.
+    """
+    resolve(app.conf)
+    return {name: resolve(app.conf, task) for name, task in sorted(app.tasks.items())}
+
+
+def enabled_tasks(found: Mapping[str, HeartbeatOptions]) -> list[str]:
+    """The app's own heartbeat-enabled tasks (Celery's built-in ones left out)."""
+    return [name for name, o in found.items() if o.enabled and not name.startswith("celery.")]
+
+
+def shortest_interval(app: Any, found: Mapping[str, HeartbeatOptions]) -> float:
+    """The shortest interval of the heartbeat-enabled tasks, else the app's own: the
+    heartbeat's SQS calls must time out well within it."""
+    enabled = [o.interval for o in found.values() if o.enabled]
+    return min(enabled) if enabled else resolve(app.conf).interval
+
+
+def task_rows(app: Any, found: Mapping[str, HeartbeatOptions]) -> list[dict[str, Any]]:
+    """Each of the app's own tasks with its effective options, queue and overrides."""
+    rows = []
+    for name, o in found.items():
+        if name.startswith("celery."):
+            continue
+        task = app.tasks[name]
+        rows.append(
+            {
+                "task": name,
+                "enabled": o.enabled,
+                "interval": o.interval,
+                "visibility_timeout": o.visibility_timeout,
+                "max_duration": o.max_duration,
+                "acks_late": bool(task.acks_late),
+                "queue": app.amqp.router.route({}, name)["queue"].name,
+                "overrides": sorted(
+                    s.name for s in SETTINGS if raw_value(app.conf, task, s.name)[1]
+                ),
+            }
+        )
+    return rows
+
+
+def startup_warnings(app: Any, found: Mapping[str, HeartbeatOptions]) -> list[str]:
+    """What in the configuration leaves heartbeat-enabled tasks unprotected."""
+    early = [n for n in enabled_tasks(found) if not app.tasks[n].acks_late]
+    if not early:
+        return []
+    return [
+        "celery-sqs-heartbeat: these heartbeat-enabled tasks do not use acks_late, so "
+        "their message is deleted before they run and nothing can be extended: "
+        + ", ".join(early)
+        + ". Set task_acks_late = True or acks_late=True on the task."
+    ]

@@ -1,147 +1,146 @@
-"""The one background thread per process that schedules every heartbeat's beats.
+"""The one background thread per worker that beats every message the worker holds.
 
-Tasks only touch a dict under a lock (:meth:`Sidecar.start` / :meth:`Sidecar.stop`);
-the thread sleeps until the next beat is due and hands the requests the schedule plans
-to its senders (``_senders``), which make the calls and settle their results, so a call
-that stalls holds up nobody else. SQS errors are classified here and reported (logs,
-signals, stats) by ``_report``; none ever reaches a task.
+It lives in the worker's main process, which receives every message: a task stuck in a
+pool child (even in a C call that never lets go of the GIL) cannot starve it. Celery's
+side only touches a dict under a lock (:meth:`Sidecar.add`, :meth:`Sidecar.stop`).
 
-``stop`` is final: once it returns, no beat for that message will be sent. A call
-already in flight for it is waited for, briefly (:data:`STOP_WAIT`): an answered call
-takes milliseconds, so a beat does not land after kombu's requeue or delete, and a
-stalled one cannot hold up the task's acknowledgement. Stopping never touches the
-message's visibility itself.
+The loop, top to bottom: find the heartbeats that are due (and end those whose message
+Celery settled), group their beats per queue into requests of up to ten, hand each
+request to an executor thread, then sleep until the next beat is due or someone wakes
+it. The executor's threads make the calls and settle the results, so a stalled call
+holds up no other heartbeat. SQS errors are classified (``_errors``) and reported
+(``_report``); none ever reaches a task.
+
+``stop`` is final: once it returns no beat for that message is sent. A call already in
+flight for it is waited for, briefly (:data:`~._heartbeat.STOP_WAIT`), so a beat does not
+land after kombu's requeue or delete, and a stalled one cannot hold up the task's
+acknowledgement. Stopping never touches the message's visibility itself.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-import sys
+import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Protocol
 
-from ._errors import Failure, classify_batch_entry, classify_exception
+from ._heartbeat import RIDE_FRACTION, STOP_WAIT, TICK, Ended, Heartbeat, State
 from ._report import Reporter, Stats
-from ._schedule import FIRST_BEAT_WINDOW, Ended, Entry, Heartbeat, Request, Schedule, Watch
-from ._senders import Senders
-from ._settings import HeartbeatOptions
+from ._send import MAX_BATCH, Sender
+
+__all__ = ["STOP_WAIT", "Fence", "Sidecar"]
 
 logger = logging.getLogger("celery_sqs_heartbeat")
 
-#: The sidecar thread's name, as shown by py-spy, faulthandler and ``threading.enumerate``.
+#: The loop thread's name, as shown by py-spy, faulthandler and ``threading.enumerate``;
+#: the executor's threads are ``celery-sqs-heartbeat-send_0``...
 THREAD_NAME = "celery-sqs-heartbeat"
-#: After an unexpected error in its own loop, the thread waits this long before going on,
-#: so a bug cannot spin a CPU.
+#: Calls in flight at once. A request carries up to ten beats of one queue, so this many
+#: stalled calls hold up to 40 heartbeats, each for at most one client time-out.
+MAX_CALLS = 4
+#: After an unexpected error in the loop, it waits this long before going on, so a bug
+#: cannot spin a CPU.
 LOOP_ERROR_PAUSE = 1.0
-#: The senders' threads are named after the sidecar's: ``celery-sqs-heartbeat-send-1``...
-SENDER_THREAD_NAME = "celery-sqs-heartbeat-send"
-#: How long ``stop`` waits for a call in flight for the stopped heartbeat. SQS answers in
-#: milliseconds; a call still unanswered after this has stalled, and the task's
-#: acknowledgement must not wait for it (it fails harmlessly on a deleted message).
-STOP_WAIT = 0.25
 #: A manual extension waits at most this much longer than the client's time-out for a
 #: regular beat in flight, so the two never race.
 EXTEND_WAIT_MARGIN = 1.0
-#: While calls are in flight the thread wakes at least this often, to put the switch
-#: interval back as soon as the last one is answered.
-BUSY_RECHECK = 0.05
-#: The interpreter's switch interval around a beat, in seconds (see ``_SwitchInterval``).
-PROMPT_SWITCH_INTERVAL = 0.0005
-#: How long before a beat is due the thread wakes to shorten the switch interval.
-PROMPT_LEAD = 0.1
 
-ClientSource = Callable[[str], Any]
+#: One request: its queue, and (heartbeat, visibility asked) per entry.
+_Request = tuple[str, list[tuple[Heartbeat, int]]]
+
+
+class Fence(Protocol):
+    """Where tasks run in other processes (prefork), what they say about a message:
+    see ``_slots.Slots``."""
+
+    def begin(self, hb: Heartbeat, until: float) -> bool: ...
+
+    def finish(self, hb: Heartbeat) -> None: ...
 
 
 class Sidecar:
-    """Serves all heartbeats of one process from one named daemon thread."""
+    """Serves all heartbeats of one worker from one named daemon thread."""
 
     def __init__(
         self,
-        clients: ClientSource,
+        sender: Sender,
+        reporter: Reporter,
         *,
         call_timeout: float,
-        region: Callable[[], str | None] = lambda: None,
+        fence: Fence | None = None,
         clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[], float] = random.random,
+        executor: Executor | None = None,
     ) -> None:
-        self._clients = clients
+        self._sender = sender
+        self._report = reporter
         self._call_timeout = call_timeout
+        self._fence = fence
         self._clock = clock
+        self._jitter = jitter
+        #: Every heartbeat not yet ended, by receipt handle.
+        self._beats: dict[str, Heartbeat] = {}
         self._lock = threading.Lock()
-        #: Wakes the thread: a heartbeat due sooner than it planned, or shutdown.
-        self._wake = threading.Condition(self._lock)
-        #: Wakes ``stop`` callers waiting for a call in flight.
-        self._settled = threading.Condition(self._lock)
-        self._stopping = threading.Event()
-        self._schedule = Schedule()
-        #: When the sleeping thread will wake by itself; -inf while it is awake.
+        #: Wakes the loop (a heartbeat due sooner than it planned, or shutdown) and the
+        #: callers waiting for a call in flight.
+        self._changed = threading.Condition(self._lock)
+        #: When the sleeping loop wakes by itself; -inf while it is awake.
         self._wake_at = -math.inf
-        #: The shortest interval of any heartbeat so far: even with nothing due the thread
-        #: wakes this often, so that a task's start never has to wake it (a wake-up costs
-        #: the task a GIL hand-off).
-        self._shortest = math.inf
+        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._senders = Senders(SENDER_THREAD_NAME)
-        self._report = Reporter(region=region)
-        self._gil = _SwitchInterval()
-
-    # -- the task's side: microseconds, no I/O ------------------------------------------
-
-    def start(
-        self,
-        receipt_handle: str,
-        queue_url: str,
-        options: HeartbeatOptions,
-        task_name: str = "",
-        task_id: str = "",
-    ) -> bool:
-        """Begin beating for a running task's message; False if it already has a
-        heartbeat. A heartbeat this process began for the message while it waited is
-        taken over, cadence and all."""
-        heartbeat = Heartbeat(receipt_handle, queue_url, options, self._clock(), task_name, task_id)
-        with self._lock:
-            adopted = self._schedule.adopt(receipt_handle, options, task_name, task_id)
-            if adopted is not None:
-                heartbeat = adopted
-            elif not self._schedule.add(heartbeat):
-                return False
-            self._note_due(heartbeat)
-        self._report.started(heartbeat)
-        return True
-
-    def wait(
-        self,
-        receipt_handle: str,
-        queue_url: str,
-        options: HeartbeatOptions,
-        watch: Watch,
-        task_name: str = "",
-        task_id: str = "",
-    ) -> bool:
-        """Begin beating for a message that waits in the worker (prefetched, or held for
-        its ETA) until *watch* says its task started; False if it already has one."""
-        heartbeat = Heartbeat(
-            receipt_handle, queue_url, options, self._clock(), task_name, task_id, watch
+        self._executor = executor or ThreadPoolExecutor(
+            MAX_CALLS, thread_name_prefix=f"{THREAD_NAME}-send"
         )
+
+    # -- Celery's side: microseconds, no I/O ----------------------------------------------
+
+    def add(self, hb: Heartbeat) -> bool:
+        """Begin beating *hb*'s message; False if it already has a heartbeat."""
         with self._lock:
-            if not self._schedule.add(heartbeat):
+            if hb.receipt_handle in self._beats:
                 return False
-            self._note_due(heartbeat)
+            self._beats[hb.receipt_handle] = hb
+            self._note_due(hb)
+        self._report.started(hb)
         return True
 
-    def _note_due(self, heartbeat: Heartbeat) -> None:
-        """Wake the thread if *heartbeat* is due before it planned to wake; holds the lock."""
-        if heartbeat.interval < self._shortest:
-            self._shortest = heartbeat.interval
-        if heartbeat.next_due + FIRST_BEAT_WINDOW < self._wake_at:
-            self._wake.notify()
+    def get(self, receipt_handle: str) -> Heartbeat | None:
+        with self._lock:
+            return self._beats.get(receipt_handle)
 
-    # -- manual control, from the task's thread --------------------------------------------
+    def run(self, receipt_handle: str) -> Heartbeat | None:
+        """Its task started in this process; None if the message has no heartbeat."""
+        with self._lock:
+            hb = self._beats.get(receipt_handle)
+            if hb is not None:
+                hb.run(self._clock())
+            return hb
+
+    def stop(self, receipt_handle: str, reason: Ended = Ended.TASK_ENDED) -> Heartbeat | None:
+        """End the heartbeat of a message; once this returns no beat for it is sent."""
+        with self._lock:
+            hb = self._beats.pop(receipt_handle, None)
+            if hb is None:
+                return None
+            hb.end(reason)
+            if hb.in_flight:
+                self._wait_in_flight(hb, STOP_WAIT)
+        self._report.ended(hb)
+        return hb
+
+    def stop_waiting(self) -> None:
+        """End every heartbeat whose task has not started: at warm shutdown the worker
+        will not run them, and kombu may release their messages."""
+        with self._lock:
+            waiting = [hb for hb in self._beats.values() if hb.state is State.WAITING]
+        for hb in waiting:
+            self.stop(hb.receipt_handle, Ended.SHUTDOWN)
+
+    # -- manual control, from the task's thread ---------------------------------------------
 
     def extend(self, receipt_handle: str, seconds: int) -> bool:
         """Ask SQS now, from the caller's thread, to keep a message hidden *seconds* more.
@@ -150,79 +149,89 @@ class Sidecar:
         reported like a failed beat, and a final one (gone, denied) ends the heartbeat.
         """
         with self._lock:
-            heartbeat = self._schedule.get(receipt_handle)
-            if heartbeat is None:
+            hb = self._beats.get(receipt_handle)
+            if hb is None:
                 return False
-            if heartbeat.in_flight:
-                self._wait_in_flight(heartbeat, 2 * self._call_timeout + EXTEND_WAIT_MARGIN)
+            if hb.in_flight:
+                self._wait_in_flight(hb, 2 * self._call_timeout + EXTEND_WAIT_MARGIN)
             sent = self._clock()
-            asked = self._schedule.begin_extension(heartbeat, seconds, sent)
-            if not asked:
+            asked = min(seconds, math.floor(hb.limit_at - sent))
+            if hb.state is State.ENDED or asked < 1:
                 return False
-        outcome = self._send(Request(heartbeat.queue_url, [Entry(heartbeat, asked)], sent))
+            hb.in_flight = True
+        outcome = self._sender.send(hb.queue_url, [(receipt_handle, asked)])
         failure = outcome.failures[0]
         with self._lock:
-            self._schedule.settle_extension(heartbeat, asked, sent, failure)
-            self._settled.notify_all()
-            self._note_due(heartbeat)
-        self._report.extended(heartbeat, asked, failure, outcome.details[0], outcome.error)
+            hb.in_flight = False
+            if failure is None:
+                hb.extended(sent, asked)
+            else:
+                hb.extension_failed(failure)
+            ended = self._forget_if_ended(hb)
+            self._changed.notify_all()
+            self._note_due(hb)
+        self._report.beat(
+            hb,
+            asked=asked,
+            failure=failure,
+            detail=outcome.details[0],
+            error=outcome.error,
+            lateness=0.0,
+            retry_in=None,
+            manual=True,
+        )
+        if ended:
+            self._report.ended(hb, outcome.details[0])
         return failure is None
 
     def reconfigure(self, receipt_handle: str, interval: float, visibility_timeout: int) -> bool:
-        """Change a running heartbeat's interval and window; False if it has ended."""
+        """Change a heartbeat's interval and window from its next beat on."""
         with self._lock:
-            heartbeat = self._schedule.get(receipt_handle)
-            if heartbeat is None:
+            hb = self._beats.get(receipt_handle)
+            if hb is None:
                 return False
-            self._schedule.reconfigure(heartbeat, interval, visibility_timeout)
-            self._note_due(heartbeat)
+            hb.reconfigure(interval, visibility_timeout)
+            self._note_due(hb)
             return True
 
-    def get(self, receipt_handle: str) -> Heartbeat | None:
-        with self._lock:
-            return self._schedule.get(receipt_handle)
-
-    def stop(self, receipt_handle: str) -> Heartbeat | None:
-        """End the heartbeat of a message; once this returns no beat for it is sent."""
-        with self._lock:
-            heartbeat = self._schedule.remove(receipt_handle)
-            if heartbeat is None:
-                return None
-            if heartbeat.in_flight:
-                self._wait_in_flight(heartbeat, STOP_WAIT)
-        if heartbeat.ended is None:
-            self._report.stopped(heartbeat)
-        return heartbeat
-
-    def _wait_in_flight(self, heartbeat: Heartbeat, waited: float) -> None:
-        """Wait up to *waited* s for the call in flight for *heartbeat*; holds the lock."""
+    def _wait_in_flight(self, hb: Heartbeat, waited: float) -> None:
+        """Wait up to *waited* s for the call in flight for *hb*; holds the lock."""
         deadline = self._clock() + waited
-        while heartbeat.in_flight:
+        while hb.in_flight:
             left = deadline - self._clock()
             if left <= 0:
                 logger.info(
                     "Heartbeat of task %s[%s]: SQS had not answered its beat after %.2f s; "
                     "going on without it (if it lands, it fails on a deleted message, or "
                     "keeps a requeued one hidden up to %d s).",
-                    heartbeat.task_name,
-                    heartbeat.task_id,
+                    hb.task_name,
+                    hb.task_id,
                     waited,
-                    heartbeat.visibility_timeout,
+                    hb.visibility_timeout,
                 )
                 return
-            self._settled.wait(left)
+            self._changed.wait(left)
+
+    def _note_due(self, hb: Heartbeat) -> None:
+        """Wake the loop if *hb* is due before it planned to wake; holds the lock."""
+        if hb.state is not State.ENDED and hb.next_due + TICK < self._wake_at:
+            self._changed.notify_all()
+
+    def _forget_if_ended(self, hb: Heartbeat) -> bool:
+        """Drop an ended heartbeat from the registry; True if this call dropped it."""
+        if hb.state is State.ENDED and self._beats.get(hb.receipt_handle) is hb:
+            del self._beats[hb.receipt_handle]
+            return True
+        return False
 
     def stats(self) -> Stats:
-        """This process's counters, with the number of heartbeats running now."""
-        with self._lock:
-            schedule = self._schedule
-            return self._report.stats(len(schedule), schedule.added, schedule.removed)
+        return self._report.counters.stats()
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._schedule)
+            return len(self._beats)
 
-    # -- lifecycle -----------------------------------------------------------------------
+    # -- lifecycle --------------------------------------------------------------------------
 
     def run_in_background(self) -> None:
         """Start the thread. Calling it again is an error: one thread per sidecar."""
@@ -239,141 +248,137 @@ class Sidecar:
         """Stop the threads; heartbeats still registered simply stop beating."""
         self._stopping.set()
         with self._lock:
-            self._wake.notify_all()
+            self._changed.notify_all()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
-        self._senders.shutdown(timeout)
-        self._gil.prompt(False)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def forget_after_fork(self) -> None:
-        """In a forked child, where this thread does not exist: put back the switch
-        interval the parent's thread may have shortened at the moment of the fork."""
-        self._gil.prompt(False)
-
-    # -- the thread ------------------------------------------------------------------------
+    # -- the loop ---------------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                self._step()
+                self.turn()
             except Exception:  # pragma: no cover - a bug; keep the heartbeats alive
                 logger.exception("celery-sqs-heartbeat: unexpected error in the sidecar loop")
                 self._stopping.wait(LOOP_ERROR_PAUSE)
 
-    def _step(self) -> None:
+    def turn(self, *, wait: bool = True) -> float:
+        """One turn of the loop: end what Celery settled, send what is due, else sleep
+        until the next beat is due (*wait*) or someone wakes the loop.
+
+        Returns when the next beat is due (infinity: none), or -infinity when this turn
+        sent or ended something (the next turn then looks again at once).
+        """
         with self._lock:
             now = self._clock()
-            plan = self._schedule.plan(now)
-            if not plan.requests and not plan.ended:
-                due = min(self._schedule.next_due(), now + self._shortest)
-                # Wake PROMPT_LEAD early and wait out the rest with prompt GIL hand-offs,
-                # so that even the wake-up does not queue behind busy task threads; keep
-                # them prompt while calls are in flight, for the same reason.
-                busy = self._senders.busy
-                prompt = busy or due - now <= PROMPT_LEAD
-                self._gil.prompt(prompt)
-                wake = due if prompt else due - PROMPT_LEAD
-                if busy:
-                    wake = min(wake, now + BUSY_RECHECK)
-                self._wake_at = wake
-                if not self._stopping.is_set():
-                    self._wake.wait(None if wake == math.inf else wake - now)
-                self._wake_at = -math.inf
-                return
-        self._gil.prompt(True)
-        for heartbeat in plan.ended:
-            if heartbeat.ended is not Ended.HANDED_OVER:
-                self._report.ended(heartbeat, "")
-        for request in plan.requests:
-            self._senders.submit(functools.partial(self._deliver, request))
+            ended: list[Heartbeat] = []
+            due: list[Heartbeat] = []
+            soon: list[Heartbeat] = []
+            wake = math.inf
+            for hb in self._beats.values():
+                if hb.in_flight:
+                    continue
+                if hb.is_settled is not None and hb.is_settled():
+                    hb.end(Ended.SETTLED)
+                    ended.append(hb)
+                elif hb.next_due <= now:
+                    due.append(hb)
+                else:
+                    wake = min(wake, hb.next_due)
+                    if not hb.first and hb.next_due <= now + RIDE_FRACTION * hb.interval:
+                        soon.append(hb)
+            requests = self._plan(due, soon, now, ended)
+            for hb in ended:
+                self._forget_if_ended(hb)
+            for hb in due:  # put off by its task (a manual extension, another pace)
+                if not hb.in_flight and hb.state is not State.ENDED:
+                    wake = min(wake, hb.next_due)
+            if not requests and not ended:
+                if wait and not self._stopping.is_set():
+                    self._wake_at = wake + TICK
+                    self._changed.wait(None if wake == math.inf else wake + TICK - now)
+                    self._wake_at = -math.inf
+                return wake
+        for hb in ended:
+            self._report.ended(hb)
+        for queue_url, entries in requests:
+            self._executor.submit(self._deliver, queue_url, entries, now)
+        return -math.inf
 
-    def _deliver(self, request: Request) -> None:
-        """Send *request* and settle it; runs on a sender thread."""
-        outcome = self._send(request)
+    def _plan(
+        self, due: list[Heartbeat], soon: list[Heartbeat], now: float, ended: list[Heartbeat]
+    ) -> list[_Request]:
+        """Group the beats to send now into requests of up to ten, per queue.
+
+        Every due beat goes; a request with free places also takes beats of its queue
+        that are due soon. Marks each beat in flight, and adds to *ended* what ended
+        instead (limits reached, task ended in its pool process).
+        """
+        by_queue: dict[str, list[tuple[Heartbeat, int]]] = {}
+        for hb in sorted(due, key=lambda h: h.next_due):
+            self._take(hb, now, now, by_queue, ended)
+        for hb in sorted(soon, key=lambda h: h.next_due):
+            entries = by_queue.get(hb.queue_url)
+            if entries and len(entries) % MAX_BATCH:
+                self._take(hb, now, now + RIDE_FRACTION * hb.interval, by_queue, ended)
+        return [
+            (queue_url, entries[i : i + MAX_BATCH])
+            for queue_url, entries in by_queue.items()
+            for i in range(0, len(entries), MAX_BATCH)
+        ]
+
+    def _take(
+        self,
+        hb: Heartbeat,
+        now: float,
+        until: float,
+        by_queue: dict[str, list[tuple[Heartbeat, int]]],
+        ended: list[Heartbeat],
+    ) -> None:
+        fence = self._fence
+        if fence is not None and not fence.begin(hb, until):
+            if hb.state is State.ENDED:
+                ended.append(hb)
+            return
+        asked = hb.plan(now)
+        if asked is None:
+            if fence is not None:
+                fence.finish(hb)
+            ended.append(hb)
+            return
+        hb.in_flight = True
+        by_queue.setdefault(hb.queue_url, []).append((hb, asked))
+
+    def _deliver(self, queue_url: str, entries: list[tuple[Heartbeat, int]], sent: float) -> None:
+        """Send one request and settle it; runs on an executor thread."""
+        outcome = self._sender.send(
+            queue_url, [(hb.receipt_handle, asked) for hb, asked in entries]
+        )
+        reports = []
         with self._lock:
             answered = self._clock()
-            settled = self._schedule.settle(request, outcome.failures, answered)
-            self._settled.notify_all()
-            for result in settled:
-                if result.heartbeat.ended is None and not result.heartbeat.stopped:
-                    self._note_due(result.heartbeat)
-        for result, detail in zip(settled, outcome.details, strict=True):
-            self._report.settled(result, detail, outcome.error, answered)
-
-    def _send(self, request: Request) -> _Outcome:
-        """Send one request; never raises. Gives one failure (or None) per entry."""
-        entries = request.entries
-        try:
-            client = self._clients(request.queue_url)
-            if len(entries) == 1:
-                client.change_message_visibility(
-                    QueueUrl=request.queue_url,
-                    ReceiptHandle=entries[0].heartbeat.receipt_handle,
-                    VisibilityTimeout=entries[0].visibility_timeout,
-                )
-                return _Outcome([None], [""])
-            response = client.change_message_visibility_batch(
-                QueueUrl=request.queue_url,
-                Entries=[
-                    {
-                        "Id": str(i),
-                        "ReceiptHandle": e.heartbeat.receipt_handle,
-                        "VisibilityTimeout": e.visibility_timeout,
-                    }
-                    for i, e in enumerate(entries)
-                ],
+            for (hb, _), failure in zip(entries, outcome.failures, strict=True):
+                due, moot = hb.due, hb.state is State.ENDED
+                retry_in = hb.settle(sent, _, failure, answered, self._jitter())
+                if self._fence is not None:
+                    self._fence.finish(hb)
+                reports.append((due, moot, retry_in, self._forget_if_ended(hb)))
+                self._note_due(hb)
+            self._changed.notify_all()
+        for (hb, asked), failure, detail, (due, moot, retry_in, ended) in zip(
+            entries, outcome.failures, outcome.details, reports, strict=True
+        ):
+            self._report.beat(
+                hb,
+                asked=asked,
+                failure=failure,
+                detail=detail,
+                error=outcome.error,
+                lateness=max(0.0, answered - due),
+                retry_in=retry_in,
+                moot=moot,
             )
-            failed = {f.get("Id"): f for f in response.get("Failed", ())}
-            found = [failed.get(str(i)) for i in range(len(entries))]
-            return _Outcome(
-                [None if f is None else classify_batch_entry(f) for f in found],
-                ["" if f is None else f"{f.get('Code')}: {f.get('Message', '')}" for f in found],
-            )
-        except Exception as exc:
-            return _Outcome(
-                [classify_exception(exc)] * len(entries), [_describe(exc)] * len(entries), exc
-            )
-
-
-class _SwitchInterval:
-    """Shortens the interpreter's switch interval around beats, and puts it back.
-
-    A beat's HTTP call gives up the GIL at every socket operation, and the thread must
-    win it back from the task threads, as it must on waking up. A thread spinning in pure
-    Python keeps the GIL for a whole switch interval (5 ms by default) each time, so with
-    several such threads a beat would wait hundreds of milliseconds. From
-    :data:`PROMPT_LEAD` before a beat is due until its request is answered, the interval
-    is :data:`PROMPT_SWITCH_INTERVAL`; the rest of the time it is whatever it was.
-    """
-
-    def __init__(self) -> None:
-        self._saved: float | None = None
-
-    def prompt(self, on: bool) -> None:
-        if on and self._saved is None:
-            current = sys.getswitchinterval()
-            if current > PROMPT_SWITCH_INTERVAL:
-                self._saved = current
-                sys.setswitchinterval(PROMPT_SWITCH_INTERVAL)
-        elif not on and self._saved is not None:
-            if sys.getswitchinterval() == PROMPT_SWITCH_INTERVAL:  # unless changed since
-                sys.setswitchinterval(self._saved)
-            self._saved = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Outcome:
-    """The result of sending one request: per entry a failure class and its detail."""
-
-    failures: list[Failure | None]
-    details: list[str]
-    error: BaseException | None = None
-
-
-def _describe(error: BaseException) -> str:
-    response = getattr(error, "response", None)
-    if isinstance(response, dict):
-        err = response.get("Error", {})
-        return f"{err.get('Code', type(error).__name__)}: {err.get('Message', '')}".strip(": ")
-    return f"{type(error).__name__}: {error}"
+            if ended:
+                self._report.ended(hb, detail)

@@ -4,10 +4,10 @@ Add this module to the worker's imports (``app.conf.imports = [..., "metrics_pro
 or ``celery worker --include metrics_prometheus``). The worker's main process serves
 ``/metrics`` on ``SQS_HEARTBEAT_METRICS_PORT`` (default 9808).
 
-A prefork worker runs tasks, and so heartbeats, in its child processes: set
-``PROMETHEUS_MULTIPROC_DIR`` to an empty directory in the worker's environment, and the
-counts of every child are added up (prometheus-client's multiprocess mode). Other pools
-need nothing more.
+Every heartbeat signal fires in the worker's main process, whatever the pool. If your
+own metrics also come from prefork pool children, set ``PROMETHEUS_MULTIPROC_DIR`` to an
+empty directory in the worker's environment, and the counts of every process are added
+up (prometheus-client's multiprocess mode).
 """
 
 from __future__ import annotations

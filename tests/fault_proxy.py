@@ -14,7 +14,9 @@ Faults (what a stressed or broken SQS endpoint does):
   long as the window: an answer at its end would reach a caller whose attempt began
   within its time-out of the end, and shorten the outage it sees;
 * ``refuse``: reset the connection without an answer, as an endpoint that refuses or
-  drops connections (the caller sees a connection error).
+  drops connections (the caller sees a connection error);
+* ``unsupported``: HTTP 400 ``UnsupportedOperation``, as an SQS emulator without the
+  action answers (GoAws has no ``ChangeMessageVisibilityBatch``).
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ _ERRORS = {
     "throttle": (400, "RequestThrottled", "Sender", "Rate exceeded"),
     "error500": (500, "InternalError", "Receiver", "We encountered an internal error."),
     "error503": (503, "ServiceUnavailable", "Receiver", "Service is unavailable."),
+    "unsupported": (400, "UnsupportedOperation", "Sender", "This action is not supported."),
 }
-KINDS = (*_ERRORS, "stall", "refuse")
+#: The faults of an outage (``unsupported`` is a property of an endpoint, not an outage).
+KINDS = ("throttle", "error500", "error503", "stall", "refuse")
 
 Match = Callable[[str, dict[str, Any]], bool]
 
@@ -87,8 +91,8 @@ class FaultProxy:
         queue: str | None = None,
     ) -> None:
         """Answer matching requests with *kind* for the next *seconds*."""
-        if kind not in KINDS:
-            raise ValueError(f"unknown fault {kind!r}; one of {KINDS}")
+        if kind not in (*KINDS, *_ERRORS):
+            raise ValueError(f"unknown fault {kind!r}; one of {KINDS} or {tuple(_ERRORS)}")
 
         def match(action: str, params: dict[str, Any]) -> bool:
             url = str(params.get("QueueUrl", ""))

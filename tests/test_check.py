@@ -142,3 +142,12 @@ def test_permission_probe_touches_no_message(code: str, status: int, expected: s
             },
         )
         assert _probe(client, url).startswith(expected)
+
+
+def test_the_check_and_the_cli_leave_the_signal_handlers_alone() -> None:
+    """They compute what they need themselves: importing them connects nothing."""
+    code = (
+        "import sys, celery_sqs_heartbeat._check, celery_sqs_heartbeat._cli\n"
+        "assert 'celery_sqs_heartbeat._worker' not in sys.modules, sorted(sys.modules)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -11,10 +11,13 @@ a beat every second, each keeping the message hidden for six.
   also the twin of the first: the same task, the same queue, a duplicate.
 * A call that stalls holds up neither the task, nor its acknowledgement, nor the beats
   of another task in the same process.
+* An endpoint without ``ChangeMessageVisibilityBatch`` gets single calls, and concurrent
+  long tasks still run once (its twin, with the heartbeat off, runs each twice).
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
 from collections.abc import Iterator
@@ -163,3 +166,32 @@ def test_a_stalled_call_holds_up_nothing_else(
     gaps = [b - a for a, b in itertools.pairwise(beats)]
     assert max(gaps) < INTERVAL + 0.5, f"the other heartbeat was held up: {gaps}"
     assert len(scenario.starts(first)) == len(scenario.starts(second)) == 1
+
+
+@pytest.mark.parametrize("heartbeat", [True, False])
+def test_an_endpoint_without_the_batch_action_still_runs_each_task_once(
+    scenario: Scenario, proxy: FaultProxy, heartbeat: bool
+) -> None:
+    """Six concurrent long tasks on two threads workers, through an endpoint that answers
+    every ChangeMessageVisibilityBatch with UnsupportedOperation. Each worker has room for
+    all six, so the twin's messages are taken again as soon as they are visible."""
+    proxy.fault("unsupported", 600, actions=frozenset({"ChangeMessageVisibilityBatch"}))
+    conf = scenario.config(
+        queue_timeout=QUEUE_TIMEOUT, heartbeat=heartbeat, interval=INTERVAL, visibility=VISIBILITY
+    )
+    workers = scenario.start_workers(
+        conf, 2, pool="threads", concurrency=6, broker_url=proxy.broker_url
+    )
+    ids = [scenario.send(conf, "sleep", TASK_SECONDS) for _ in range(6)]
+
+    runs = scenario.wait_settled(timeout=3 * TASK_SECONDS + 40)
+
+    starts = collections.Counter(r.task_id for r in runs if r.event == "start")
+    if heartbeat:
+        assert starts == collections.Counter(ids), starts
+        assert proxy.injected("unsupported"), "no batch was tried"
+        said = [w for w in workers if w.log_lines("does not support ChangeMessageVisibilityBatch")]
+        assert said and all(len(w.log_lines("ChangeMessageVisibilityBatch")) == 1 for w in said)
+        assert accepted_beats(scenario)
+    else:
+        assert all(starts[i] >= 2 for i in ids), starts

@@ -15,9 +15,11 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from celery_sqs_heartbeat._schedule import FIRST_BEAT_WINDOW
+from celery_sqs_heartbeat._heartbeat import TICK, Heartbeat
+from celery_sqs_heartbeat._report import Counters, Reporter
+from celery_sqs_heartbeat._send import Sender
 from celery_sqs_heartbeat._settings import HeartbeatOptions
-from celery_sqs_heartbeat._sidecar import STOP_WAIT, THREAD_NAME, Sidecar
+from celery_sqs_heartbeat._sidecar import MAX_CALLS, STOP_WAIT, THREAD_NAME, Sidecar
 from celery_sqs_heartbeat.testing import wait_for
 
 pytestmark = pytest.mark.timeout(30)
@@ -43,11 +45,30 @@ def sidecars() -> Iterator[list[Sidecar]]:
         s.shutdown(5)
 
 
-def start(sidecars: list[Sidecar], client: Any, **kwargs: Any) -> Sidecar:
-    sidecar = Sidecar(lambda url: client, call_timeout=1.0, **kwargs)
+def make(client: Any, region: str | None = None, **kwargs: Any) -> Sidecar:
+    reporter = Reporter(Counters(), region=lambda: region)
+    return Sidecar(Sender(lambda url: client), reporter, call_timeout=1.0, **kwargs)
+
+
+def start(sidecars: list[Sidecar], client: Any, region: str | None = None) -> Sidecar:
+    sidecar = make(client, region)
     sidecar.run_in_background()
     sidecars.append(sidecar)
     return sidecar
+
+
+def begin(
+    sidecar: Sidecar,
+    rh: str,
+    queue: str,
+    options: HeartbeatOptions,
+    task_name: str = "",
+    task_id: str = "",
+    now: float | None = None,
+) -> None:
+    """What task_received does: a heartbeat from the message's receipt."""
+    received = time.monotonic() if now is None else now
+    assert sidecar.add(Heartbeat(rh, queue, options, received, task_name, task_id))
 
 
 def expect_beat(stubber: Stubber, rh: str = "rh-1", timeout: int = 5) -> None:
@@ -82,7 +103,7 @@ def test_throttling_is_retried_and_logged_once(
     sidecar = start(sidecars, client)
     caplog.set_level(logging.DEBUG, "celery_sqs_heartbeat")
 
-    sidecar.start("rh-1", QUEUE, FAST, task_name="t", task_id="id")
+    begin(sidecar, "rh-1", QUEUE, FAST, task_name="t", task_id="id")
     wait_for(lambda: not stubber._queue, timeout=10, what="all stubbed calls")
     assert sidecar.stop("rh-1") is not None
 
@@ -97,10 +118,10 @@ def test_access_denied_ends_the_heartbeat_with_one_error_naming_the_action(
     client, stubber = stubbed
     for _ in range(2):
         stubber.add_client_error("change_message_visibility", "AccessDenied", "not authorized", 403)
-    sidecar = start(sidecars, client, region=lambda: "us-east-1")
+    sidecar = start(sidecars, client, region="us-east-1")
 
-    sidecar.start("rh-1", QUEUE, FAST)
-    sidecar.start("rh-2", QUEUE, HeartbeatOptions(True, 0.3, 5, None))
+    begin(sidecar, "rh-1", QUEUE, FAST)
+    begin(sidecar, "rh-2", QUEUE, HeartbeatOptions(True, 0.3, 5, None))
     wait_for(lambda: len(sidecar) == 0, timeout=10, what="both heartbeats to end")
 
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -127,19 +148,22 @@ def test_batch_entries_fail_one_by_one(
             ],
         },
     )
-    sidecar = Sidecar(lambda url: client, call_timeout=1.0)
+    clock = [0.0]
+    sidecar = make(client, clock=lambda: clock[0])
     sidecars.append(sidecar)
     options = HeartbeatOptions(True, 10, 30, None)
-    clock = [0.0]
-    sidecar._clock = lambda: clock[0]
-    sidecar.start("a", QUEUE, options)
-    sidecar.start("b", QUEUE, options)
-    clock[0] = 10.0 + FIRST_BEAT_WINDOW
-    sidecar._step()  # hands the request to a sender thread
+    begin(sidecar, "a", QUEUE, options, now=0.0)
+    begin(sidecar, "b", QUEUE, options, now=0.0)
+    clock[0] = 10.0 + TICK
+    sidecar.turn(wait=False)  # hands the request to an executor thread
 
     # "b" was gone, "a" beats on
-    wait_for(lambda: len(sidecar) == 1, timeout=5, what="the batch to be settled")
-    assert any("no longer in flight" in r.getMessage() for r in caplog.records)
+    wait_for(
+        lambda: any("no longer in flight" in r.getMessage() for r in caplog.records),
+        timeout=5,
+        what="the batch to be settled and reported",
+    )
+    assert len(sidecar) == 1
 
 
 def test_stop_waits_for_the_call_in_flight_and_no_beat_follows(
@@ -160,7 +184,7 @@ def test_stop_waits_for_the_call_in_flight_and_no_beat_follows(
             return {}
 
     sidecar = start(sidecars, SlowClient())
-    sidecar.start("rh", QUEUE, FAST)
+    begin(sidecar, "rh", QUEUE, FAST)
     assert entered.wait(5)
 
     stopper = threading.Thread(target=lambda: (sidecar.stop("rh"), stop_returned.set()))
@@ -178,7 +202,7 @@ def test_a_stalled_call_neither_holds_stop_nor_delays_other_heartbeats(
     sidecars: list[Sidecar],
 ) -> None:
     """A call that never answers: stop returns after STOP_WAIT, and another queue's
-    heartbeat keeps its cadence meanwhile (calls go out on separate sender threads)."""
+    heartbeat keeps its cadence meanwhile (calls go out on separate executor threads)."""
     stalled_queue = QUEUE + "-stalled"
     release = threading.Event()
     stalled = threading.Event()
@@ -194,8 +218,8 @@ def test_a_stalled_call_neither_holds_stop_nor_delays_other_heartbeats(
             return {}
 
     sidecar = start(sidecars, Client())
-    sidecar.start("stalled", stalled_queue, FAST)
-    sidecar.start("healthy", QUEUE, FAST)
+    begin(sidecar, "stalled", stalled_queue, FAST)
+    begin(sidecar, "healthy", QUEUE, FAST)
     assert stalled.wait(5)
     began = time.monotonic()
     sidecar.stop("stalled")
@@ -216,7 +240,7 @@ def test_an_unexpected_error_never_escapes(
             raise RuntimeError("boom")
 
     sidecar = start(sidecars, Broken())
-    sidecar.start("rh", QUEUE, FAST)
+    begin(sidecar, "rh", QUEUE, FAST)
     wait_for(lambda: any(r.exc_info for r in caplog.records), timeout=5, what="a traceback")
     assert sidecar.running
     assert sidecar.stop("rh") is not None
@@ -243,10 +267,10 @@ def test_signals_and_stats_follow_each_event(
     try:
         sidecar = start(sidecars, client)
         # A long interval, so that its next beat cannot take the stubbed errors below.
-        sidecar.start("rh-ok", QUEUE, HeartbeatOptions(True, 0.5, 5, None), "t", "1")
+        begin(sidecar, "rh-ok", QUEUE, HeartbeatOptions(True, 0.5, 5, None), "t", "1")
         wait_for(lambda: any(n == "beat_sent" for n, _ in seen), timeout=5, what="a beat")
         sidecar.stop("rh-ok")
-        sidecar.start("rh-gone", QUEUE, FAST, "t", "2")
+        begin(sidecar, "rh-gone", QUEUE, FAST, "t", "2")
         wait_for(lambda: any(n == "message_lost" for n, _ in seen), timeout=5, what="a loss")
     finally:
         for name, receiver in receivers.items():
@@ -291,7 +315,7 @@ def test_a_manual_extension_never_raises_into_the_task(
     )
     stubber.add_client_error("change_message_visibility", "AccessDenied", "no", 403)
     sidecar = start(sidecars, client)
-    sidecar.start("rh-1", QUEUE, SLOW, "t", "id")
+    begin(sidecar, "rh-1", QUEUE, SLOW, "t", "id")
 
     with caplog.at_level(logging.WARNING, logger="celery_sqs_heartbeat"):
         assert sidecar.extend("rh-1", 600) is False
@@ -304,3 +328,26 @@ def test_a_manual_extension_never_raises_into_the_task(
     assert stats.beats_sent == 1 and stats.failures == {"transient": 1, "denied": 1}
     assert "Extension of task t[id]" in caplog.text
     stubber.assert_no_pending_responses()
+
+
+def test_calls_go_out_on_a_few_named_daemon_threads(sidecars: list[Sidecar]) -> None:
+    """However many requests are due at once, at most MAX_CALLS threads make them."""
+    release = threading.Event()
+
+    class Client:
+        def change_message_visibility(self, **kw: Any) -> dict[str, Any]:
+            release.wait(5)
+            return {}
+
+    sidecar = start(sidecars, Client())
+    for i in range(3 * MAX_CALLS):  # one queue each: one request each
+        begin(sidecar, f"rh{i}", f"{QUEUE}-{i}", FAST)
+    wait_for(
+        lambda: sum(t.name.startswith(f"{THREAD_NAME}-send") for t in threading.enumerate())
+        == MAX_CALLS,
+        timeout=5,
+        what="the executor's threads",
+    )
+    senders = [t for t in threading.enumerate() if t.name.startswith(f"{THREAD_NAME}-send")]
+    assert len(senders) == MAX_CALLS and all(t.daemon for t in senders)
+    release.set()

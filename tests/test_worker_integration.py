@@ -355,3 +355,20 @@ def test_cli_lists_effective_settings(scenario: Scenario) -> None:
     assert rows["worker_app.plain"]["overrides"] == ["sqs_heartbeat_interval"]
     assert rows["worker_app.opted_out"]["enabled"] is False
     assert rows["worker_app.sleep"]["visibility_timeout"] == 10
+
+
+@pytest.mark.parametrize(("pool", "runs"), [("prefork", 1), ("threads", 2)])
+def test_a_task_stuck_in_a_c_call(scenario: Scenario, pool: str, runs: int) -> None:
+    """A task keeps its process's GIL in one C call for 11 s; window 4 s, interval 1 s.
+
+    In prefork the worker's main process beats for it, and it runs once. The twin: in a
+    threads worker the heartbeat shares the task's process and cannot beat, and a second
+    worker runs the task again.
+    """
+    conf = scenario.config(queue_timeout=4, heartbeat=True, interval=1, visibility=4)
+    scenario.start_workers(conf, 2, pool=pool)
+    task_id = scenario.send(conf, "hold_gil", 11)
+
+    found = scenario.wait_settled(timeout=60)
+
+    assert len([r for r in found if r.event == "start" and r.task_id == task_id]) == runs

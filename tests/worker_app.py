@@ -12,6 +12,7 @@ from the environment:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import socket
@@ -80,6 +81,19 @@ def sleep(self, seconds: float) -> str:
 def spin(self, seconds: float) -> str:
     """Spin on the CPU in pure Python, like a CPU-bound task."""
     return _run(self, seconds, spin=True)
+
+
+@app.task(bind=True)
+def hold_gil(self, seconds: int) -> str:
+    """Spend *seconds* in one C call that never lets go of the GIL, as a backtracking
+    regular expression, a huge sort or many C extensions do: libc's sleep(3) called
+    through ctypes.PyDLL, which keeps the GIL, unlike ctypes.CDLL."""
+    request = self.request
+    receipt_handle = (request.properties or {}).get("delivery_tag")
+    record("start", request.id, retries=request.retries, receipt_handle=receipt_handle)
+    ctypes.PyDLL(None).sleep(int(seconds))
+    record("end", request.id, retries=request.retries, receipt_handle=receipt_handle)
+    return str(request.id)
 
 
 @app.task(bind=True)

@@ -1,0 +1,247 @@
+"""The timing rules (``_heartbeat``) as the sidecar applies them, on a fake clock."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from celery_sqs_heartbeat._errors import Failure
+from celery_sqs_heartbeat._heartbeat import (
+    RECEIPT_ALLOWANCE,
+    TICK,
+    Ended,
+    Heartbeat,
+    State,
+)
+from celery_sqs_heartbeat._settings import MAX_VISIBILITY_SECONDS
+
+from .fake_sidecar import OPTIONS, World
+
+pytestmark = pytest.mark.timeout(30)
+
+#: When a message received at 0 gets its first beat: one interval, plus the loop's tick.
+FIRST = 30 + TICK
+
+
+def test_no_beat_before_one_interval() -> None:
+    """A task shorter than one interval costs no SQS call."""
+    w = World()
+    w.add()
+    w.advance(29.9)
+    w.sidecar.stop("rh")
+    w.advance(1000)
+    assert w.calls == []
+    assert len(w.sidecar) == 0
+
+
+def test_beats_every_interval_with_the_configured_visibility() -> None:
+    w = World()
+    w.add()
+    w.advance(100)
+    assert w.beats_of("rh") == pytest.approx([FIRST, FIRST + 30, FIRST + 60], abs=1e-6)
+    assert {c.entries[0][1] for c in w.calls} == {120}
+
+
+def test_beats_due_together_share_requests_of_at_most_ten() -> None:
+    """Messages of one receive are seen milliseconds apart: their beats share requests."""
+    w = World()
+    for i in range(23):
+        w.now = i * 0.0005
+        w.add(f"rh{i}")
+    w.add("other", queue="q2")
+    w.advance(31)
+    assert sorted(len(c.entries) for c in w.calls) == [1, 3, 10, 10]
+    assert {c.queue_url for c in w.calls if len(c.entries) == 1} == {"q2"}
+
+
+def test_free_places_carry_beats_due_soon_but_never_a_first_beat() -> None:
+    w = World()
+    w.add("a")  # beats at FIRST, then due every 30 s from 30
+    w.advance(5.0)
+    w.add("b")  # first beat due at 35
+    w.advance(55.0)
+    w.add("fresh")  # first beat due at 85: never sent early
+    w.advance(90)
+    assert [(round(c.at, 2), sorted(c.handles)) for c in w.calls] == [
+        (30.02, ["a"]),
+        (35.02, ["b"]),
+        (60.02, ["a", "b"]),  # b was due 5 s later: it takes the free place
+        (85.02, ["a", "b", "fresh"]),
+    ]
+
+
+def test_never_asks_past_twelve_hours_from_receipt() -> None:
+    w = World()
+    w.now = 100.0
+    hb = w.add()
+    limit = 100.0 + MAX_VISIBILITY_SECONDS - RECEIPT_ALLOWANCE
+    assert hb.limit_at == limit
+    w.advance(limit + 100)
+    for call in w.calls:
+        assert call.at + call.entries[0][1] <= limit
+    assert hb.ended is Ended.LIMIT and len(w.sidecar) == 0
+    assert w.calls[-1].entries[0][1] < 120  # the last beat asked for what was left
+
+
+def test_max_duration_counts_from_the_task_start() -> None:
+    w = World()
+    hb = w.add(max_duration=100)
+    w.advance(50)  # waiting: max_duration does not run yet
+    w.sidecar.run("rh")
+    w.advance(149)
+    assert hb.state is State.RUNNING
+    w.advance(200)
+    assert hb.ended is Ended.MAX_DURATION and len(w.sidecar) == 0
+    assert max(w.beats_of("rh")) < 150
+
+
+@pytest.mark.parametrize(
+    ("failure", "ended"),
+    [(Failure.GONE, Ended.GONE), (Failure.DENIED, Ended.DENIED), (Failure.LIMIT, Ended.LIMIT)],
+)
+def test_final_failures_end_the_heartbeat(failure: Failure, ended: Ended) -> None:
+    w = World()
+    w.answer = lambda handle: failure
+    hb = w.add()
+    w.advance(1000)
+    assert hb.ended is ended and len(w.calls) == 1 and len(w.sidecar) == 0
+    assert w.sidecar.stats().messages_lost == 1
+
+
+def test_transient_failures_retry_with_backoff_until_the_visibility_runs_out() -> None:
+    w = World(jitter=1.0)
+    hb = w.add(interval=10, visibility_timeout=30)
+    w.advance(10 + TICK)  # hidden until 40 + TICK
+    w.answer = lambda handle: Failure.TRANSIENT
+    w.advance(100)
+    attempts = w.beats_of("rh")[1:]
+    delays = [b - a for a, b in itertools.pairwise(attempts)]
+    assert delays[:3] == pytest.approx([0.25 + TICK, 0.5 + TICK, 1.0 + TICK])
+    assert max(delays) == pytest.approx(5.0 + TICK)  # half the interval
+    assert hb.ended is Ended.LOST
+    assert attempts[-1] < 40 + TICK
+
+
+def test_a_retry_that_succeeds_resumes_the_schedule() -> None:
+    w = World(jitter=0.0)
+    replies = [Failure.TRANSIENT]
+    w.answer = lambda handle: replies.pop() if replies else None
+    w.add(interval=10, visibility_timeout=30)
+    w.advance(35)
+    first, retry, *rest = w.beats_of("rh")
+    assert retry - first == pytest.approx(0.125 + TICK)
+    assert rest[0] - first == pytest.approx(10)  # the cadence of the first beat
+
+
+def test_stop_is_final_and_a_call_in_flight_counts_but_schedules_nothing() -> None:
+    w = World()
+    hb = w.add()
+
+    def stop_while_in_flight(handle: str) -> None:
+        assert hb.in_flight
+        # What a task's postrun does from its own thread while the call is out.
+        hb.end(Ended.TASK_ENDED)
+        return None
+
+    w.answer = stop_while_in_flight
+    w.advance(FIRST)
+    assert hb.beats == 1
+    w.advance(1000)
+    assert len(w.calls) == 1
+
+
+def test_duplicate_receipt_handle_is_refused() -> None:
+    w = World()
+    w.add()
+    assert not w.sidecar.add(Heartbeat("rh", "q", OPTIONS, 0.0))
+    assert len(w.sidecar) == 1
+
+
+def test_ten_thousand_short_tasks_leave_nothing_behind() -> None:
+    w = World()
+    for i in range(10_000):
+        w.now = i * 0.001
+        w.add(f"rh{i}")
+        w.sidecar.stop(f"rh{i}")
+    w.advance(100)
+    assert len(w.sidecar) == 0 and w.calls == []
+    stats = w.sidecar.stats()
+    assert (stats.started, stats.stopped, stats.active) == (10_000, 10_000, 0)
+
+
+def test_a_settled_message_ends_without_a_beat() -> None:
+    """Celery acknowledged it (a task in a pool child ended, or kombu requeued it)."""
+    w = World()
+    settled = False
+    hb = w.add(is_settled=lambda: settled)
+    w.advance(20)
+    settled = True
+    w.advance(1000)
+    assert w.calls == [] and hb.ended is Ended.SETTLED and len(w.sidecar) == 0
+
+
+def test_a_waiting_message_is_beaten_from_its_receipt() -> None:
+    """Prefetched or held for its ETA: beaten before its task starts, and on after."""
+    w = World()
+    hb = w.add()
+    w.advance(100)
+    assert hb.state is State.WAITING and len(w.calls) == 3
+    w.sidecar.run("rh")
+    w.advance(130)
+    assert hb.state is State.RUNNING and len(w.calls) == 4
+
+
+def test_a_long_extension_postpones_the_regular_beats() -> None:
+    w = World()
+    w.add()
+    w.now = 10.0
+    assert w.sidecar.extend("rh", 600)
+    # Regular beats resume when 90 s (window - interval) of the 600 s are left.
+    w.advance(519)
+    assert w.beats_of("rh") == [10.0]
+    w.advance(521)
+    assert w.beats_of("rh") == pytest.approx([10.0, 520 + TICK])
+
+
+def test_a_short_extension_is_topped_up_at_once() -> None:
+    w = World()
+    w.add()
+    w.now = 10.0
+    assert w.sidecar.extend("rh", 60)
+    w.advance(11)
+    assert w.beats_of("rh") == [10.0, 10.0]
+
+
+def test_a_failed_extension_keeps_the_schedule_and_a_final_one_ends_it() -> None:
+    w = World()
+    hb = w.add()
+    w.answer = lambda handle: Failure.TRANSIENT
+    w.now = 10.0
+    assert not w.sidecar.extend("rh", 600)
+    assert hb.state is State.WAITING and hb.next_due == 30
+    w.answer = lambda handle: Failure.GONE
+    assert not w.sidecar.extend("rh", 600)
+    assert hb.ended is Ended.GONE and len(w.sidecar) == 0
+
+
+def test_extensions_stop_at_the_12_hour_limit() -> None:
+    w = World()
+    hb = w.add()
+    w.now = hb.limit_at - 100.4
+    assert w.sidecar.extend("rh", 3600)
+    assert w.calls[-1].entries == [("rh", 100)]
+    w.now = hb.limit_at - 0.5
+    assert not w.sidecar.extend("rh", 3600)
+
+
+def test_a_new_pace_counts_from_the_last_beat() -> None:
+    w = World()
+    w.add()
+    w.advance(FIRST)
+    assert w.sidecar.reconfigure("rh", 10, 40)
+    w.advance(FIRST + 10.5)
+    assert w.beats_of("rh") == pytest.approx([FIRST, FIRST + 10 + TICK])
+    assert w.calls[-1].entries == [("rh", 40)]
+    assert math.isinf(w.sidecar.turn(wait=False)) is False
