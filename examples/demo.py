@@ -324,7 +324,7 @@ def draw_and_report(timeline: Timeline, stem: Path) -> None:
     print(f"Timeline of this run: {svg} and {png}")
     if DOCS_PICTURE.parent.is_dir():
         shutil.copyfile(svg, DOCS_PICTURE)
-        print(f"Copied to {DOCS_PICTURE.relative_to(HERE.parent)}")
+        print(f"Copied to {os.path.relpath(DOCS_PICTURE)} (the README and the docs show it)")
 
 
 def draw_timeline(timeline: Timeline, stem: Path) -> tuple[Path, Path]:
