@@ -445,7 +445,7 @@ def draw_timeline(timeline: Timeline, stem: Path) -> tuple[Path, Path]:
         [top + (BAND[0] + BAR[0] + BAND[1]) / 2 for top, _, _, _ in lanes],
         [label for _, label, _, _ in lanes],
     )
-    ax.set_ylim(y + 0.25, 0.05)
+    ax.set_ylim(y + 0.25, -0.1)
     ax.set_xlim(0, x_max)
     ax.set_xlabel("seconds since the demo began sending the two tasks")
     ax.grid(axis="x", color="#dddddd", linewidth=0.6)
@@ -506,7 +506,7 @@ def draw_timeline(timeline: Timeline, stem: Path) -> tuple[Path, Path]:
     fig.text(
         0.01,
         0.06 / height,
-        "Drawn by `make demo` from the requests moto's SQS answered and the tasks' own "
+        "Drawn by make demo from the requests moto's SQS answered and the tasks' own "
         f"start/end events; {datetime.datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} cores "
         f"({platform.machine()}), Python {platform.python_version()}.",
         fontsize=8,
