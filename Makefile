@@ -40,10 +40,10 @@ typecheck: $(STAMP)  ## mypy --strict on the package
 docs: $(STAMP)  ## Build the docs site into site/ (warnings are errors)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-demo: $(STAMP)  ## Two workers on an embedded SQS: a long task runs twice without the heartbeat, once with it
+demo: $(STAMP)  ## Two workers on an embedded SQS: a long task runs twice without the heartbeat, once with it; draws the timeline
 	$(BIN)/python examples/demo.py
 
-bench: $(STAMP)  ## Measure what the heartbeat costs (~6 min); writes docs/performance.md
+bench: $(STAMP)  ## Measure what the heartbeat costs (~6 min); writes docs/performance.md and its charts
 	$(BIN)/python -m benchmarks.run
 
 soak: $(STAMP)  ## 10,000 short + 50 long tasks, two workers: each runs once, nothing left, threads and memory flat (~5 min)

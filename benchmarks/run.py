@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import overhead, scale, workers
+from . import charts, overhead, scale, workers
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "docs" / "performance.md"
@@ -202,6 +202,7 @@ def main() -> int:
     print()
     print(cost)
     today = datetime.date.today().isoformat()
+    figures = charts.draw(results, REPORT.parent / "img", f"{today}, on {_machine()}")
     REPORT.write_text(f"""# Performance
 
 Measured by `{COMMAND}` on {today}, in {elapsed / 60:.1f} minutes, on {_machine()}.
@@ -227,6 +228,9 @@ How each figure is measured:
 5. Scale: 5,000 in-flight messages (50 queues of 100) heartbeated by one process, registered
    evenly over the first interval; memory by `tracemalloc`, CPU from `/proc`.
 
+## Charts
+
+{figures}
 ## Cost model
 
 From the request counts of figure 3, at the default interval ({DEFAULT_INTERVAL} s) and

@@ -296,6 +296,7 @@ def punctuality(bench: Bench, seconds: float = 10.0) -> dict[str, Any]:
             "runs": sum(r["event"] == "start" for r in records),
             "tasks": spinning,
             "lost": sum(r["event"] == "lost" for r in records),
+            "lateness_ms": lateness,  # every beat, for the chart's distribution
         }
     return results
 

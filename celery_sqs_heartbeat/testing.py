@@ -68,6 +68,11 @@ class RecordedRequest:
     #: Wall-clock time (``time.time()``) the request arrived, comparable with times the
     #: workers' processes record.
     at: float
+    #: Wall-clock time the answer was ready: for a long-polling ReceiveMessage, when SQS
+    #: handed the messages over and their visibility timeout began.
+    answered: float = 0.0
+    #: Receipt handles a ReceiveMessage answer carried, in order.
+    received: tuple[str, ...] = ()
 
     @property
     def receipt_handles(self) -> list[str]:
@@ -103,9 +108,22 @@ class _Recorder:
             return start_response(code, headers, *args)
 
         result = self.app(environ, recording_start_response)
+        answered = time.time()
+        received: tuple[str, ...] = ()
+        if action == "ReceiveMessage" and status[0] == 200:
+            # Only these answers are read (and so buffered): they say which receipt
+            # began when, which a request alone cannot.
+            body = b"".join(result)
+            if hasattr(result, "close"):
+                result.close()
+            result = [body]
+            with contextlib.suppress(ValueError, AttributeError, KeyError, TypeError):
+                received = tuple(m["ReceiptHandle"] for m in json.loads(body)["Messages"])
         if action:
             with self.lock:
-                self.requests.append(RecordedRequest(action, params, status[0], at))
+                self.requests.append(
+                    RecordedRequest(action, params, status[0], at, answered, received)
+                )
         return result
 
 

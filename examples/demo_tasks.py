@@ -17,10 +17,12 @@ app = Celery("demo_tasks", broker=os.environ["DEMO_BROKER_URL"])
 app.conf.update(json.loads(os.environ["DEMO_CONFIG"]))
 
 
-def _transcode(task: object, seconds: float) -> None:
+def _record(task: object, event: str) -> None:
+    """Append one start or end event to the demo's log of runs (one line, one write)."""
     request = task.request  # type: ignore[attr-defined]
     line = json.dumps(
         {
+            "event": event,
             "task": task.name,  # type: ignore[attr-defined]
             "worker": os.environ.get("DEMO_WORKER", "?"),
             "receipt_handle": request.properties["delivery_tag"],
@@ -32,7 +34,12 @@ def _transcode(task: object, seconds: float) -> None:
         os.write(fd, (line + "\n").encode())
     finally:
         os.close(fd)
+
+
+def _transcode(task: object, seconds: float) -> None:
+    _record(task, "start")
     time.sleep(seconds)  # the long part of a real transcode
+    _record(task, "end")
 
 
 @app.task(bind=True)
