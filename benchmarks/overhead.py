@@ -145,7 +145,8 @@ def run() -> dict[str, Any]:
             for sig, fn in handlers:
                 sig.connect(fn, weak=False)
             if name == "child":  # what worker_init and worker_process_init set up
-                _worker._state.slots, _worker._state.slot = slots, 0
+                state = _worker._state
+                state.slots, state.slot, state.pool_child = slots, 0, True
         elif name == "naive":
             signals.task_prerun.connect(naive.prerun, weak=False)
             signals.task_postrun.connect(naive.postrun, weak=False)
@@ -159,7 +160,8 @@ def run() -> dict[str, Any]:
             if name in ("heartbeat", "child"):
                 for sig, fn in handlers:
                     sig.disconnect(fn)
-                _worker._state.slots = _worker._state.slot = None
+                state = _worker._state
+                state.slots, state.slot, state.pool_child = None, None, False
             elif name == "naive":
                 signals.task_prerun.disconnect(naive.prerun)
                 signals.task_postrun.disconnect(naive.postrun)

@@ -22,6 +22,11 @@ PRICE_PER_MILLION = 0.40
 #: The default interval and window, for the cost model.
 DEFAULT_INTERVAL = 30
 DEFAULT_WINDOW = 120
+#: What the heartbeat may add to a task, at the median (Celery's own dispatch to two
+#: receivers is about half of it).
+OVERHEAD_P50_US = 8.0
+#: What the heartbeat may add to an idle prefork worker's processes (PSS).
+MEMORY_LIMIT_MB = {"main": 3.0, "child": 1.0}
 #: The "one huge queue timeout" alternative, for comparison.
 HUGE_TIMEOUT = 2 * 3600
 
@@ -34,10 +39,16 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     o = results["overhead"]
     rows = [
         (
-            "1. Per-task overhead, p50 (added to a task)",
+            "1. Per-task overhead, p50 (added to a task in the sidecar's process)",
             f"{o['added_p50_us']:.1f} µs",
-            "≤ 10 µs",
-            _ok(o["added_p50_us"] <= 10),
+            f"≤ {OVERHEAD_P50_US:g} µs",
+            _ok(o["added_p50_us"] <= OVERHEAD_P50_US),
+        ),
+        (
+            "1. Per-task overhead, p50 (added to a task in a prefork pool child)",
+            f"{o['child_added_p50_us']:.1f} µs",
+            f"≤ {OVERHEAD_P50_US:g} µs",
+            _ok(o["child_added_p50_us"] <= OVERHEAD_P50_US),
         ),
         (
             "1. Per-task overhead, p99 (end to end)",
@@ -60,10 +71,23 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         (
             "1. Cheaper than a thread per task (p50)",
             f"{o['cheaper_than_naive']:.0f}x ({o['naive_added_p50_us']:.0f} µs)",
-            "≥ 15x",
-            _ok(o["cheaper_than_naive"] >= 15),
+            "≥ 20x",
+            _ok(o["cheaper_than_naive"] >= 20),
         ),
     ]
+    for process in ("main", "child"):
+        pss = {r["heartbeat"]: r["pss_mb"] for r in results["memory"] if r["process"] == process}
+        limit = MEMORY_LIMIT_MB[process]
+        rows.append(
+            (
+                f"6. Memory of an idle prefork worker (-c 4), {process} process"
+                + (" (each)" if process == "child" else "")
+                + ", PSS on / off",
+                f"{pss['on']:.1f} / {pss['off']:.1f} MB (+{pss['on'] - pss['off']:.1f} MB)",
+                f"≤ +{limit:g} MB",
+                _ok(pss["on"] - pss["off"] <= limit),
+            )
+        )
     for name, t in results["throughput"].items():
         rows.append(
             (
@@ -96,13 +120,8 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 f"(first beat of a fresh process: {p['first_beat_max_ms']:.0f} ms)",
                 f"p50 {p['p50_ms']:.0f}, p99 {p['p99_ms']:.0f}, max {p['max_ms']:.0f} ms; "
                 f"{p['beats']} beats, {p['runs']} runs of {p['tasks']} tasks, {p['lost']} lost",
-                "p99 ≤ 250 ms, max < 1 s, 0 lost",
-                _ok(
-                    p["p99_ms"] <= 250
-                    and p["max_ms"] < 1000
-                    and p["lost"] == 0
-                    and p["runs"] == p["tasks"]
-                ),
+                "p99 ≤ 1 s, 0 lost, each task once",
+                _ok(p["p99_ms"] <= 1000 and p["lost"] == 0 and p["runs"] == p["tasks"]),
             )
         )
     s = results["scale"]
@@ -183,7 +202,7 @@ def main() -> int:
     for name, run in (("overhead", overhead.run), ("scale", scale.run)):
         print(f"running {name}...", flush=True)
         results[name] = run()
-    print("running the worker figures (throughput, calls, punctuality)...", flush=True)
+    print("running the worker figures (memory, throughput, calls, punctuality)...", flush=True)
     results.update(workers.run())
     elapsed = time.monotonic() - started
 
@@ -216,17 +235,24 @@ How each figure is measured:
 1. Per-task overhead: a registered task with SQS message properties goes through what the
    worker's tracer does (push the request, `task_prerun`, `task_postrun`, pop the request),
    {overhead.ROUNDS} rounds of {overhead.PER_ROUND} per arm, arms interleaved: no receivers,
-   this package, a thread per task, and two empty receivers (Celery's dispatch alone). The
-   handlers' own time is timed where Celery calls them.
+   this package with the task in the sidecar's process (its heartbeat made at prerun, which
+   costs what `task_received` costs in a worker), this package in a prefork pool child
+   (the slot's writes), a thread per task, and two empty receivers (Celery's dispatch
+   alone). The handlers' own time is timed where Celery calls them.
 2. Throughput: {workers.ROUND_TASKS}-task rounds of no-op tasks, alternately to a worker
    with the heartbeat on and one with it off, each on its own queue, against moto in a
    process of its own; rates from the workers' own logs, the median round per arm.
 3. SQS requests: 50 tasks of 11.5 intervals in one threads worker (`-c 50`, interval 1 s),
    requests counted at the server over the 10 intervals after the last task started.
-4. Punctuality: interval 1 s; tasks spin in pure Python; lateness is from each beat's due
-   time to SQS's answer, from the heartbeat's own `beat_sent` signal, in a fresh worker.
+4. Punctuality: interval 1 s, window 4 s; tasks spin in pure Python (threads of one
+   worker, or prefork children); lateness is from each beat's due time to SQS's answer,
+   from the heartbeat's own `beat_sent` signal, in a fresh worker. No interpreter-wide
+   setting is changed.
 5. Scale: 5,000 in-flight messages (50 queues of 100) heartbeated by one process, registered
    evenly over the first interval; memory by `tracemalloc`, CPU from `/proc`.
+6. Memory: an idle prefork worker (`-c 4`, {workers.MEMORY_SETTLE_SECONDS:g} s after it is
+   ready), heartbeat off then on, against the same server; PSS from
+   `/proc/PID/smaps_rollup` of the main process and (the mean of) its pool children.
 
 ## Charts
 
@@ -235,8 +261,8 @@ How each figure is measured:
 
 From the request counts of figure 3, at the default interval ({DEFAULT_INTERVAL} s) and
 window ({DEFAULT_WINDOW} s). Batching only applies to tasks of one worker process and one
-queue whose beats fall due together; a prefork worker with one task per child pays one
-call per beat.
+queue whose beats fall due together; in a prefork worker the main process beats for all
+its children, so their tasks' beats share requests too.
 
 {cost}
 """)

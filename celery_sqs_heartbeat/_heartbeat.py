@@ -80,9 +80,14 @@ class Ended(enum.Enum):
     SHUTDOWN = "worker shut down"
 
     @property
+    def normal(self) -> bool:
+        """Whether this is the normal end of a message (a per-task path: no hashing)."""
+        return self is Ended.TASK_ENDED or self is Ended.SETTLED
+
+    @property
     def lost(self) -> bool:
         """Whether the message may now run again elsewhere because of this end."""
-        return self in {Ended.GONE, Ended.DENIED, Ended.LIMIT, Ended.LOST}
+        return not self.normal and self is not Ended.MAX_DURATION and self is not Ended.SHUTDOWN
 
 
 _ENDED_BY = {Failure.GONE: Ended.GONE, Failure.DENIED: Ended.DENIED, Failure.LIMIT: Ended.LIMIT}

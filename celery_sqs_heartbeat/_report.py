@@ -218,15 +218,16 @@ class Reporter:
         the normal end of its message."""
         reason = hb.ended
         assert reason is not None
-        self.counters.stopped(reason.lost)
-        if reason.lost and signals.message_lost.receivers:
+        lost = reason.lost
+        self.counters.stopped(lost)
+        if lost and signals.message_lost.receivers:
             signals.message_lost.send(sender=None, reason=reason.value, **_common(hb))
         if signals.heartbeat_stopped.receivers:
             signals.heartbeat_stopped.send(
                 sender=None, reason=reason.value, beats=hb.beats, **_common(hb)
             )
-        if not reason.lost and reason is not Ended.MAX_DURATION:
-            return  # the normal end of a message
+        if not lost and reason is not Ended.MAX_DURATION:
+            return  # the normal end of a message, or a worker's shutdown
         task = f"{hb.task_name}[{hb.task_id}]"
         if reason is Ended.DENIED:
             if hb.queue_url not in self._denied_queues:

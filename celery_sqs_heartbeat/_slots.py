@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import logging
 import mmap
 import multiprocessing
@@ -48,6 +47,7 @@ LOCK_TIMEOUT = 0.5
 POLL = 0.001
 
 _EMPTY, _RUNNING, _ENDED = 0, 1, 2
+_KEY_MASK = 2**64 - 1
 
 
 class _Slot(ctypes.Structure):
@@ -70,9 +70,12 @@ class _Slot(ctypes.Structure):
 
 
 def key_of(receipt_handle: str) -> int:
-    """The 64-bit identity of a message in a slot (0 stands for "none")."""
-    digest = hashlib.blake2b(receipt_handle.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") or 1
+    """The 64-bit identity of a message in a slot (0 stands for "none").
+
+    Python's own string hash: the pool children are forks of the main process, so they
+    share its hash secret (were they not, they would not share the slots either).
+    """
+    return hash(receipt_handle) & _KEY_MASK or 1
 
 
 class Slots:
@@ -99,8 +102,16 @@ class Slots:
     @contextlib.contextmanager
     def _locked(self, index: int) -> Iterator[None]:
         lock = self._locks[index]
-        got = lock.acquire(timeout=LOCK_TIMEOUT)
-        if not got and "lock" not in self._noted:
+        got = lock.acquire(timeout=LOCK_TIMEOUT) or self._stuck(index)
+        try:
+            yield
+        finally:
+            if got:
+                lock.release()
+
+    def _stuck(self, index: int) -> bool:
+        """Say once that a slot's lock was held too long; go on without it (False)."""
+        if "lock" not in self._noted:
             self._noted.add("lock")
             logger.error(
                 "celery-sqs-heartbeat: the lock of pool slot %d was held for over %g s (its "
@@ -108,33 +119,39 @@ class Slots:
                 index,
                 LOCK_TIMEOUT,
             )
-        try:
-            yield
-        finally:
-            if got:
-                lock.release()
+        return False
 
     # -- a pool child's side -------------------------------------------------------------
 
-    def started(self, index: int, receipt_handle: str) -> None:
-        """``task_prerun`` in the child with process *index*."""
-        slot = self._table[index]
-        with self._locked(index):
+    def started(self, index: int, receipt_handle: str, pid: int) -> None:
+        """``task_prerun`` in the child with process *index* and id *pid*."""
+        # The per-task path: the lock by hand, not through a generator-based context
+        # manager, which would cost more than the stores themselves.
+        slot, lock = self._table[index], self._locks[index]
+        got = lock.acquire(timeout=LOCK_TIMEOUT) or self._stuck(index)
+        try:
             if slot.key:
                 slot.previous = slot.key
             slot.key = key_of(receipt_handle)
             slot.state = _RUNNING
-            slot.pid = os.getpid()
+            slot.pid = pid
             slot.started = time.monotonic()
             slot.interval = slot.visibility_timeout = slot.extended_for = 0
             slot.extended_at = 0.0
+        finally:
+            if got:
+                lock.release()
 
     def ended(self, index: int) -> None:
         """``task_postrun``: no beat is sent for the task once this returns."""
-        slot = self._table[index]
-        with self._locked(index):
+        slot, lock = self._table[index], self._locks[index]
+        got = lock.acquire(timeout=LOCK_TIMEOUT) or self._stuck(index)
+        try:
             slot.state = _ENDED
             busy = slot.in_flight > 0
+        finally:
+            if got:
+                lock.release()
         if busy:
             self._wait_idle(slot)
 

@@ -79,6 +79,7 @@ class _Process:
         self.counters = counters if counters is not None else Counters()
         #: Whether this is a prefork pool child, and its slot there.
         self.pool_child = False
+        self.pid = os.getpid()
         self.slot: int | None = None
         self.sidecar: Sidecar | None = None
         #: A pool child's own sender, made on its task's first manual extension.
@@ -356,7 +357,7 @@ def _on_task_prerun(task: Any = None, task_id: str = "", **_: Any) -> None:
         # The main process beats the message; a child never makes a sidecar of its own.
         if state.slot is None or state.slots is None:
             return
-        state.slots.started(state.slot, receipt_handle)
+        state.slots.started(state.slot, receipt_handle, state.pid)
     else:
         sidecar = state.sidecar or ensure_sidecar(task.app)
         if sidecar is None:

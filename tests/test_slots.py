@@ -45,7 +45,7 @@ def test_a_task_not_yet_started_is_beaten_unfenced() -> None:
 def test_a_running_task_is_fenced_and_its_end_is_final() -> None:
     """Postrun waits for the beat in flight; after it, no beat begins."""
     slots = Slots(2)
-    slots.started(1, "rh")  # as the child with index 1 would, at prerun
+    slots.started(1, "rh", os.getpid())  # as the child with index 1 would, at prerun
     hb = heartbeat()
     assert slots.begin(hb, time.monotonic())
     assert hb.slot == 1 and hb.state is State.RUNNING
@@ -64,7 +64,7 @@ def test_a_running_task_is_fenced_and_its_end_is_final() -> None:
 
 def test_postrun_does_not_wait_for_ever_on_a_stalled_beat() -> None:
     slots = Slots(1)
-    slots.started(0, "rh")
+    slots.started(0, "rh", os.getpid())
     assert slots.begin(heartbeat(), time.monotonic())
     began = time.monotonic()
     slots.ended(0)
@@ -73,9 +73,9 @@ def test_postrun_does_not_wait_for_ever_on_a_stalled_beat() -> None:
 
 def test_the_next_task_in_the_slot_ends_the_previous_ones_heartbeat() -> None:
     slots = Slots(1)
-    slots.started(0, "first")
+    slots.started(0, "first", os.getpid())
     slots.ended(0)
-    slots.started(0, "second")
+    slots.started(0, "second", os.getpid())
     first, second = heartbeat("first"), heartbeat("second")
     assert not slots.begin(first, time.monotonic()) and first.ended is Ended.TASK_ENDED
     assert slots.begin(second, time.monotonic()) and second.state is State.RUNNING
@@ -84,7 +84,7 @@ def test_the_next_task_in_the_slot_ends_the_previous_ones_heartbeat() -> None:
 def test_a_child_written_slot_is_read_by_the_parent() -> None:
     """The mapping and the lock really are shared across the fork."""
     slots = Slots(2)
-    in_child(lambda: slots.started(0, "rh"))
+    in_child(lambda: slots.started(0, "rh", os.getpid()))
     hb = heartbeat()
     # The child that wrote the slot has exited: its process is gone.
     assert not slots.begin(hb, time.monotonic())
@@ -96,7 +96,7 @@ def test_a_dead_pool_process_ends_the_heartbeat_before_it_is_reaped() -> None:
     go = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
-        slots.started(0, "rh")
+        slots.started(0, "rh", os.getpid())
         os.write(go[1], b"x")
         time.sleep(0.3)
         os._exit(0)
@@ -112,7 +112,7 @@ def test_a_dead_pool_process_ends_the_heartbeat_before_it_is_reaped() -> None:
 
 def test_a_task_sets_its_own_pace_and_extension_through_its_slot() -> None:
     slots = Slots(1)
-    slots.started(0, "rh")
+    slots.started(0, "rh", os.getpid())
     slots.configure(0, 5.0, 60)
     hb = heartbeat()
     now = time.monotonic()
@@ -134,7 +134,7 @@ def test_a_beat_put_off_by_its_task_is_still_sent_later() -> None:
     slots = Slots(1)
     w = World(fence=slots)
     w.add("rh", interval=0.5, visibility_timeout=2)
-    slots.started(0, "rh")
+    slots.started(0, "rh", os.getpid())
     slots.configure(0, 1.5, 4)
     w.advance(5)
     assert [c.entries for c in w.calls][:2] == [[("rh", 4)], [("rh", 4)]]
