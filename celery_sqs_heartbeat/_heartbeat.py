@@ -76,8 +76,6 @@ class Ended(enum.Enum):
     LIMIT = "SQS 12-hour limit reached"
     MAX_DURATION = "sqs_heartbeat_max_duration reached"
     LOST = "visibility lapsed before a beat got through"
-    #: The worker stopped while the message still waited for its task.
-    SHUTDOWN = "worker shut down"
 
     @property
     def normal(self) -> bool:
@@ -87,7 +85,7 @@ class Ended(enum.Enum):
     @property
     def lost(self) -> bool:
         """Whether the message may now run again elsewhere because of this end."""
-        return not self.normal and self is not Ended.MAX_DURATION and self is not Ended.SHUTDOWN
+        return not self.normal and self is not Ended.MAX_DURATION
 
 
 _ENDED_BY = {Failure.GONE: Ended.GONE, Failure.DENIED: Ended.DENIED, Failure.LIMIT: Ended.LIMIT}

@@ -227,7 +227,7 @@ class Reporter:
                 sender=None, reason=reason.value, beats=hb.beats, **_common(hb)
             )
         if not lost and reason is not Ended.MAX_DURATION:
-            return  # the normal end of a message, or a worker's shutdown
+            return  # the normal end of a message
         task = f"{hb.task_name}[{hb.task_id}]"
         if reason is Ended.DENIED:
             if hb.queue_url not in self._denied_queues:

@@ -85,9 +85,10 @@ class Sidecar:
         #: Every heartbeat not yet ended, by receipt handle.
         self._beats: dict[str, Heartbeat] = {}
         self._lock = threading.Lock()
-        #: Wakes the loop (a heartbeat due sooner than it planned, or shutdown) and the
-        #: callers waiting for a call in flight.
-        self._changed = threading.Condition(self._lock)
+        #: Wakes the loop: a heartbeat due sooner than it planned, or shutdown.
+        self._wake = threading.Condition(self._lock)
+        #: Wakes the callers waiting for a call in flight (stop, extend).
+        self._settled = threading.Condition(self._lock)
         #: When the sleeping loop wakes by itself; -inf while it is awake.
         self._wake_at = -math.inf
         self._stopping = threading.Event()
@@ -132,14 +133,6 @@ class Sidecar:
         self._report.ended(hb)
         return hb
 
-    def stop_waiting(self) -> None:
-        """End every heartbeat whose task has not started: at warm shutdown the worker
-        will not run them, and kombu may release their messages."""
-        with self._lock:
-            waiting = [hb for hb in self._beats.values() if hb.state is State.WAITING]
-        for hb in waiting:
-            self.stop(hb.receipt_handle, Ended.SHUTDOWN)
-
     # -- manual control, from the task's thread ---------------------------------------------
 
     def extend(self, receipt_handle: str, seconds: int) -> bool:
@@ -168,7 +161,7 @@ class Sidecar:
             else:
                 hb.extension_failed(failure)
             ended = self._forget_if_ended(hb)
-            self._changed.notify_all()
+            self._settled.notify_all()
             self._note_due(hb)
         self._report.beat(
             hb,
@@ -210,12 +203,12 @@ class Sidecar:
                     hb.visibility_timeout,
                 )
                 return
-            self._changed.wait(left)
+            self._settled.wait(left)
 
     def _note_due(self, hb: Heartbeat) -> None:
         """Wake the loop if *hb* is due before it planned to wake; holds the lock."""
         if hb.state is not State.ENDED and hb.next_due + TICK < self._wake_at:
-            self._changed.notify_all()
+            self._wake.notify()
 
     def _forget_if_ended(self, hb: Heartbeat) -> bool:
         """Drop an ended heartbeat from the registry; True if this call dropped it."""
@@ -248,7 +241,7 @@ class Sidecar:
         """Stop the threads; heartbeats still registered simply stop beating."""
         self._stopping.set()
         with self._lock:
-            self._changed.notify_all()
+            self._wake.notify()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -298,7 +291,7 @@ class Sidecar:
             if not requests and not ended:
                 if wait and not self._stopping.is_set():
                     self._wake_at = wake + TICK
-                    self._changed.wait(None if wake == math.inf else wake + TICK - now)
+                    self._wake.wait(None if wake == math.inf else wake + TICK - now)
                     self._wake_at = -math.inf
                 return wake
         for hb in ended:
@@ -359,14 +352,14 @@ class Sidecar:
         reports = []
         with self._lock:
             answered = self._clock()
-            for (hb, _), failure in zip(entries, outcome.failures, strict=True):
+            for (hb, asked), failure in zip(entries, outcome.failures, strict=True):
                 due, moot = hb.due, hb.state is State.ENDED
-                retry_in = hb.settle(sent, _, failure, answered, self._jitter())
+                retry_in = hb.settle(sent, asked, failure, answered, self._jitter())
                 if self._fence is not None:
                     self._fence.finish(hb)
                 reports.append((due, moot, retry_in, self._forget_if_ended(hb)))
                 self._note_due(hb)
-            self._changed.notify_all()
+            self._settled.notify_all()
         for (hb, asked), failure, detail, (due, moot, retry_in, ended) in zip(
             entries, outcome.failures, outcome.details, reports, strict=True
         ):
