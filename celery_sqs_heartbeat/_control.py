@@ -71,16 +71,7 @@ class InChild:
                 hb.extended(sent, asked)
             else:
                 hb.extension_failed(failure)
-        self._report.beat(
-            hb,
-            asked=asked,
-            failure=failure,
-            detail=outcome.details[0],
-            error=outcome.error,
-            lateness=0.0,
-            retry_in=None,
-            manual=True,
-        )
+        self._report.extension(hb, asked, outcome)
         return failure is None
 
     def reconfigure(self, hb: Heartbeat, interval: float, visibility_timeout: int) -> bool:

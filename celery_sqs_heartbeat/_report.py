@@ -18,6 +18,7 @@ from typing import Any
 from . import signals
 from ._errors import Failure, describe_denied
 from ._heartbeat import Ended, Heartbeat
+from ._send import Outcome
 
 logger = logging.getLogger("celery_sqs_heartbeat")
 
@@ -180,6 +181,19 @@ class Reporter:
                 retry_in or 0.0,
                 exc_info=error if unknown and hb.failures == 1 else None,
             )
+
+    def extension(self, hb: Heartbeat, asked: int, outcome: Outcome) -> None:
+        """Report a manual extension the task sent (from the task's thread)."""
+        self.beat(
+            hb,
+            asked=asked,
+            failure=outcome.failures[0],
+            detail=outcome.details[0],
+            error=outcome.error,
+            lateness=0.0,
+            retry_in=None,
+            manual=True,
+        )
 
     def _sent(self, hb: Heartbeat, asked: int, lateness: float, manual: bool) -> None:
         late = not manual and lateness > (hb.visibility_timeout - hb.interval) / 2

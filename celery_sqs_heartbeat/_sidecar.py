@@ -163,16 +163,7 @@ class Sidecar:
             ended = self._forget_if_ended(hb)
             self._settled.notify_all()
             self._note_due(hb)
-        self._report.beat(
-            hb,
-            asked=asked,
-            failure=failure,
-            detail=outcome.details[0],
-            error=outcome.error,
-            lateness=0.0,
-            retry_in=None,
-            manual=True,
-        )
+        self._report.extension(hb, asked, outcome)
         if ended:
             self._report.ended(hb, outcome.details[0])
         return failure is None

@@ -68,9 +68,13 @@ class World:
         assert self.sidecar.add(hb)
         return hb
 
+    def check(self) -> None:
+        """Called before every turn of the loop: a subclass checks its invariants here."""
+
     def advance(self, to: float) -> None:
         """Let time pass to *to*, the loop turning as the real one would."""
         while True:
+            self.check()
             wake = self.sidecar.turn(wait=False)
             if wake == -math.inf:
                 continue
@@ -78,6 +82,7 @@ class World:
                 break
             self.now = max(self.now, wake + TICK)
         self.now = max(self.now, to)
+        self.check()
 
     def beats_of(self, rh: str) -> list[float]:
         return [c.at for c in self.calls if rh in c.handles]

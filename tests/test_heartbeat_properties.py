@@ -80,7 +80,7 @@ class Checked(World):
                 self.hidden[rh] = max(self.hidden.get(rh, 0.0), self.now + seconds)
         return Outcome(failures, [""] * len(failures))
 
-    def check_hidden(self) -> None:
+    def check(self) -> None:
         if not self.answer_all:
             return
         for rh, hb in self.live.items():
@@ -88,18 +88,6 @@ class Checked(World):
             # SQS takes whole seconds, and asking past the limit is an error.
             if hb.state is not State.ENDED and self.now < hb.limit_at - 1:
                 assert self.now <= self.hidden[rh], f"{rh} visible at {self.now}"
-
-    def advance(self, to: float) -> None:
-        while True:
-            self.check_hidden()
-            wake = self.sidecar.turn(wait=False)
-            if wake == -math.inf:
-                continue
-            if wake + TICK > to:
-                break
-            self.now = max(self.now, wake + TICK)
-        self.now = max(self.now, to)
-        self.check_hidden()
 
 
 def _run(operations: list[object], replies: list[Failure | None], *, answer_all: bool) -> None:
