@@ -14,7 +14,7 @@ from typing import Any
 
 from ._client import BrokerInfo, Clients, call_timeout
 from ._errors import Failure, classify_exception, queue_arn
-from ._heartbeat import START_ALLOWANCE, TICK
+from ._heartbeat import START_ALLOWANCE, grid
 from ._settings import (
     ConfigurationError,
     HeartbeatOptions,
@@ -84,9 +84,9 @@ def check(app: Any) -> Report:
             continue
         q = queues.setdefault(row["queue"], QueueReport(row["queue"]))
         q.tasks.append(row["task"])
-        # The queue's own timeout covers a message until its task's first beat, and
-        # the moment between its receipt and its task's start.
-        first = row["interval"] + TICK + START_ALLOWANCE
+        # The queue's own timeout covers a message until its first beat (the first grid
+        # point an interval after its receipt), and the moment before the worker sees it.
+        first = row["interval"] + grid(row["interval"]) + START_ALLOWANCE
         q.first_beat = first if q.first_beat is None else max(q.first_beat, first)
         if not row["acks_late"]:
             report.problems.append(

@@ -3,16 +3,17 @@
 Pure bookkeeping, with no threads, no clock and no SQS: the sidecar passes ``now`` in,
 sends what is due, and hands each result back. The timing rules, all in one place:
 
-* A message's first beat is due one interval after its receipt, so a task that ends
-  sooner costs no SQS call.
+* Beats fall on a grid: multiples of a step, the largest power of two (in seconds) not
+  above an eighth of the interval (:func:`grid`). Beats of many messages then fall due
+  at the same moments and share requests, and the sidecar wakes a few times per
+  interval however many messages it holds.
+* A message's first beat is due at the first grid point one interval or more after its
+  receipt: a task that ends sooner costs no SQS call.
 * A beat asks SQS to keep the message hidden ``visibility_timeout`` seconds from now.
-  The next beat is due one interval after this one was due (or sent, if sooner), so
-  the cadence does not drift; after a late beat, at least half an interval after it.
-* The sidecar sends what is due :data:`TICK` after the earliest due beat, so beats that
-  fall due together (a receive brings up to ten messages) share one request. A request
-  with free places also takes the queue's beats due within :data:`RIDE_FRACTION` of
-  their interval (never a first beat), so a busy worker's beats settle into shared
-  requests.
+  The next beat is due at the last grid point at most one interval after it was sent.
+* A request with free places also takes the queue's beats due within
+  :data:`RIDE_FRACTION` of their interval (never a first beat), so the beats of a busy
+  worker settle into full requests.
 * Nothing is asked past SQS's 12-hour limit from receipt, nor beaten past
   ``max_duration`` from the task's start.
 * A transient failure is retried with jittered exponential backoff while the message's
@@ -35,9 +36,9 @@ from collections.abc import Callable
 from ._errors import Failure
 from ._settings import MAX_VISIBILITY_SECONDS, HeartbeatOptions
 
-#: Seconds the sidecar waits past the earliest due beat, so beats due together share
-#: a request. Far below any margin between interval and window.
-TICK = 0.02
+#: The grid's step is at most this fraction of the interval: the first beat comes at
+#: most this much of an interval late, and a beat at most this much early.
+GRID_FRACTION = 1 / 8
 #: How long stopping a heartbeat waits for a call in flight for it. SQS answers in
 #: milliseconds; a call unanswered after this has stalled, and the task's
 #: acknowledgement must not wait for it (it fails harmlessly on a deleted message).
@@ -56,6 +57,14 @@ START_ALLOWANCE = 1.0
 BACKOFF_INITIAL = 0.25
 #: A retry waits at most this fraction of the interval.
 BACKOFF_MAX_FRACTION = 0.5
+
+
+def grid(interval: float) -> float:
+    """The step of the grid the beats of a heartbeat with this interval fall on.
+
+    A power of two, so that the grids of different intervals share their points.
+    """
+    return float(2.0 ** math.floor(math.log2(interval * GRID_FRACTION)))
 
 
 class State(enum.Enum):
@@ -114,6 +123,7 @@ class Heartbeat:
         "slot",
         "started",
         "state",
+        "step",
         "task_id",
         "task_name",
         "visibility_timeout",
@@ -145,8 +155,9 @@ class Heartbeat:
         self.started: float | None = None
         #: When the last accepted beat was sent (the receipt, before the first).
         self.last_sent = now
+        self.step = grid(options.interval)
         #: When the next regular beat is due: for cadence and lateness.
-        self.due = now + options.interval
+        self.due = math.ceil((now + options.interval) / self.step) * self.step
         #: When the next attempt is due: ``due``, or a retry's time after a failure.
         self.next_due = self.due
         #: Until when the message is known to stay hidden; unknown (infinite) until the
@@ -202,7 +213,7 @@ class Heartbeat:
             self.failures = 0
             self.visible_until = sent + asked
             self.last_sent = sent
-            self._schedule(max(min(self.due, sent) + self.interval, sent + self.interval / 2))
+            self._schedule(self._on_grid(sent + self.interval))
             return None
         ended = _ENDED_BY.get(failure)
         if ended is None:
@@ -222,7 +233,7 @@ class Heartbeat:
         self.visible_until = sent + seconds
         self.last_sent = sent
         margin = self.visibility_timeout - self.interval
-        self._schedule(max(sent, sent + seconds - margin))
+        self._schedule(max(sent, self._on_grid(sent + seconds - margin)))
 
     def extension_failed(self, failure: Failure) -> None:
         """A manual extension failed: the message is gone or out of reach, or the
@@ -234,11 +245,16 @@ class Heartbeat:
     def reconfigure(self, interval: float, visibility_timeout: int) -> None:
         """Another pace from the next beat on (due one new interval after the last)."""
         self.interval, self.visibility_timeout = interval, visibility_timeout
+        self.step = grid(interval)
         if not self.failures:
-            self._schedule(self.last_sent + interval)
+            self._schedule(self._on_grid(self.last_sent + interval))
 
     def _schedule(self, due: float) -> None:
         self.due = self.next_due = due
+
+    def _on_grid(self, time: float) -> float:
+        """The last grid point at or before *time*."""
+        return math.floor(time / self.step) * self.step
 
     # -- facts -------------------------------------------------------------------------
 

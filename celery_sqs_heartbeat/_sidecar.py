@@ -28,7 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Protocol
 
-from ._heartbeat import RIDE_FRACTION, STOP_WAIT, TICK, Ended, Heartbeat, State
+from ._heartbeat import RIDE_FRACTION, STOP_WAIT, Ended, Heartbeat, State
 from ._report import Reporter, Stats
 from ._send import MAX_BATCH, Sender
 
@@ -198,7 +198,7 @@ class Sidecar:
 
     def _note_due(self, hb: Heartbeat) -> None:
         """Wake the loop if *hb* is due before it planned to wake; holds the lock."""
-        if hb.state is not State.ENDED and hb.next_due + TICK < self._wake_at:
+        if hb.state is not State.ENDED and hb.next_due < self._wake_at:
             self._wake.notify()
 
     def _forget_if_ended(self, hb: Heartbeat) -> bool:
@@ -281,8 +281,8 @@ class Sidecar:
                     wake = min(wake, hb.next_due)
             if not requests and not ended:
                 if wait and not self._stopping.is_set():
-                    self._wake_at = wake + TICK
-                    self._wake.wait(None if wake == math.inf else wake + TICK - now)
+                    self._wake_at = wake
+                    self._wake.wait(None if wake == math.inf else wake - now)
                     self._wake_at = -math.inf
                 return wake
         for hb in ended:

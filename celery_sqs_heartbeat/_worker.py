@@ -12,7 +12,9 @@
   on a bad one (``SystemExit``: Celery swallows any ``Exception`` a handler raises), and
   maps the prefork slots before the pool forks.
 * ``worker_ready`` logs, once, what would make the heartbeat useless, and starts the
-  sidecar thread: after the pool has forked, so the children share none of its memory.
+  sidecar thread, with an SQS client that shares kombu's parsed models: after the pool
+  has forked, so the children share none of its memory. (A message that comes before
+  makes it at once.)
 
 Everything a process keeps is in one :class:`_Process`, replaced whole in a forked child.
 """
@@ -30,7 +32,7 @@ from typing import Any, TypeVar
 
 from celery import signals
 
-from ._client import BrokerInfo, Clients, call_timeout
+from ._client import BrokerInfo, Clients, call_timeout, kombu_loader
 from ._control import InChild, InProcess, TaskHeartbeat
 from ._heartbeat import Heartbeat
 from ._report import COUNTS_SIZE, Counters, Reporter
@@ -163,8 +165,10 @@ def current_sidecar() -> Sidecar | None:
     return _state.sidecar
 
 
-def ensure_sidecar(app: Any) -> Sidecar | None:
-    """This process's running sidecar, made on first use; None when the broker is not SQS."""
+def ensure_sidecar(app: Any, consumer: Any = None) -> Sidecar | None:
+    """This process's running sidecar, made on first use; None when the broker is not SQS.
+
+    Given the worker's *consumer*, its SQS client shares kombu's parsed models."""
     state = _state
     if state.sidecar is not None:
         return state.sidecar
@@ -173,7 +177,7 @@ def ensure_sidecar(app: Any) -> Sidecar | None:
             broker = BrokerInfo.from_app(app)
             if broker is None:
                 return None
-            clients = _clients(app, broker, state)
+            clients = _clients(app, broker, state, kombu_loader(consumer))
             state.sidecar = Sidecar(
                 Sender(clients.for_queue),
                 Reporter(state.counters, region=lambda: clients.region),
@@ -184,8 +188,9 @@ def ensure_sidecar(app: Any) -> Sidecar | None:
         return state.sidecar
 
 
-def _clients(app: Any, broker: BrokerInfo, state: _Process) -> Clients:
-    clients = Clients(broker, timeout=call_timeout(shortest_interval(app, state.options)))
+def _clients(app: Any, broker: BrokerInfo, state: _Process, loader: Any = None) -> Clients:
+    timeout = call_timeout(shortest_interval(app, state.options))
+    clients = Clients(broker, timeout=timeout, loader=loader)
     # Made now, before any beat: building a client is ~100 ms of Python that a busy
     # process would slow down many times over.
     clients.warm_up()
@@ -232,8 +237,6 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         slots = Slots(_pool_size(sender), COUNTS_SIZE)
         _state.slots = slots
         _state.counters = Counters(slots.extra(), lock=_fork_lock())
-    else:
-        ensure_sidecar(app)  # the tasks run in this process: ready before the first
 
 
 def _pool_size(worker: Any) -> int:
@@ -299,7 +302,7 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
             "tasks run as usual."
         )
     else:
-        ensure_sidecar(app)
+        ensure_sidecar(app, sender)
 
 
 # -- messages and tasks -------------------------------------------------------------------

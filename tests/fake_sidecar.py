@@ -9,7 +9,7 @@ from concurrent.futures import Executor, Future
 from typing import Any
 
 from celery_sqs_heartbeat._errors import Failure
-from celery_sqs_heartbeat._heartbeat import TICK, Heartbeat
+from celery_sqs_heartbeat._heartbeat import Heartbeat
 from celery_sqs_heartbeat._report import Counters, Reporter
 from celery_sqs_heartbeat._send import Outcome
 from celery_sqs_heartbeat._settings import HeartbeatOptions
@@ -78,9 +78,9 @@ class World:
             wake = self.sidecar.turn(wait=False)
             if wake == -math.inf:
                 continue
-            if wake + TICK > to:
+            if wake > to:
                 break
-            self.now = max(self.now, wake + TICK)
+            self.now = max(self.now, wake)
         self.now = max(self.now, to)
         self.check()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import pytest
@@ -92,3 +93,25 @@ def test_sts_role_is_assumed(monkeypatch: pytest.MonkeyPatch) -> None:
         assert creds.get_frozen_credentials().token
         url = client.create_queue(QueueName="sts-check")["QueueUrl"]
         assert url.endswith("/sts-check")
+
+
+def test_clients_share_the_data_loader_of_kombus_own_client() -> None:
+    """The worker's SQS client (kombu's) already parsed the service models: ours reuse
+    them instead of loading ~10 MB again; anything unexpected means our own loader."""
+    import boto3
+
+    from celery_sqs_heartbeat._client import kombu_loader
+
+    theirs = boto3.client(
+        "sqs", region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s"
+    )
+    consumer = types.SimpleNamespace(
+        connection=types.SimpleNamespace(default_channel=types.SimpleNamespace(_sqs=theirs))
+    )
+    loader = kombu_loader(consumer)
+    assert loader is theirs._loader
+    broker = BrokerInfo("127.0.0.1", 9, "k", "s", {})
+    ours = Clients(broker, timeout=1.0, loader=loader).for_queue("")
+    assert ours._loader is loader
+    assert kombu_loader(None) is None
+    assert kombu_loader(types.SimpleNamespace(connection=None)) is None

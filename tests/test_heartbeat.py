@@ -10,10 +10,10 @@ import pytest
 from celery_sqs_heartbeat._errors import Failure
 from celery_sqs_heartbeat._heartbeat import (
     RECEIPT_ALLOWANCE,
-    TICK,
     Ended,
     Heartbeat,
     State,
+    grid,
 )
 from celery_sqs_heartbeat._settings import MAX_VISIBILITY_SECONDS
 
@@ -21,8 +21,8 @@ from .fake_sidecar import OPTIONS, World
 
 pytestmark = pytest.mark.timeout(30)
 
-#: When a message received at 0 gets its first beat: one interval, plus the loop's tick.
-FIRST = 30 + TICK
+#: When a message received at 0 gets its first beat: one interval (on the grid of 2 s).
+FIRST = 30.0
 
 
 def test_no_beat_before_one_interval() -> None:
@@ -34,6 +34,18 @@ def test_no_beat_before_one_interval() -> None:
     w.advance(1000)
     assert w.calls == []
     assert len(w.sidecar) == 0
+
+
+def test_beats_fall_on_a_grid_of_a_power_of_two_seconds() -> None:
+    """Received at odd moments, heartbeats of one interval beat at the same instants."""
+    assert grid(30) == 2 and grid(1) == 0.125 and grid(10) == 1
+    w = World()
+    for i, at in enumerate((0.3, 1.1, 1.9)):
+        w.now = at
+        w.add(f"rh{i}")
+    w.advance(65)
+    # First beats at the first grid point an interval after each receipt; then together.
+    assert [(c.at, len(c.entries)) for c in w.calls] == [(32, 3), (62, 3)]
 
 
 def test_beats_every_interval_with_the_configured_visibility() -> None:
@@ -48,10 +60,10 @@ def test_beats_due_together_share_requests_of_at_most_ten() -> None:
     """Messages of one receive are seen milliseconds apart: their beats share requests."""
     w = World()
     for i in range(23):
-        w.now = i * 0.0005
+        w.now = 0.001 + i * 0.0005  # all due at the same grid point, 32 s
         w.add(f"rh{i}")
     w.add("other", queue="q2")
-    w.advance(31)
+    w.advance(33)
     assert sorted(len(c.entries) for c in w.calls) == [1, 3, 10, 10]
     assert {c.queue_url for c in w.calls if len(c.entries) == 1} == {"q2"}
 
@@ -64,11 +76,11 @@ def test_free_places_carry_beats_due_soon_but_never_a_first_beat() -> None:
     w.advance(55.0)
     w.add("fresh")  # first beat due at 85: never sent early
     w.advance(90)
-    assert [(round(c.at, 2), sorted(c.handles)) for c in w.calls] == [
-        (30.02, ["a"]),
-        (35.02, ["b"]),
-        (60.02, ["a", "b"]),  # b was due 5 s later: it takes the free place
-        (85.02, ["a", "b", "fresh"]),
+    assert [(c.at, sorted(c.handles)) for c in w.calls] == [
+        (30, ["a"]),
+        (36, ["b"]),  # the first grid point (2 s) one interval after its receipt
+        (60, ["a", "b"]),  # b was due 6 s later: it takes the free place
+        (86, ["a", "b", "fresh"]),
     ]
 
 
@@ -113,15 +125,15 @@ def test_final_failures_end_the_heartbeat(failure: Failure, ended: Ended) -> Non
 def test_transient_failures_retry_with_backoff_until_the_visibility_runs_out() -> None:
     w = World(jitter=1.0)
     hb = w.add(interval=10, visibility_timeout=30)
-    w.advance(10 + TICK)  # hidden until 40 + TICK
+    w.advance(10)  # hidden until 40
     w.answer = lambda handle: Failure.TRANSIENT
     w.advance(100)
     attempts = w.beats_of("rh")[1:]
     delays = [b - a for a, b in itertools.pairwise(attempts)]
-    assert delays[:3] == pytest.approx([0.25 + TICK, 0.5 + TICK, 1.0 + TICK])
-    assert max(delays) == pytest.approx(5.0 + TICK)  # half the interval
+    assert delays[:3] == pytest.approx([0.25, 0.5, 1.0])
+    assert max(delays) == pytest.approx(5.0)  # half the interval
     assert hb.ended is Ended.LOST
-    assert attempts[-1] < 40 + TICK
+    assert attempts[-1] < 40
 
 
 def test_a_retry_that_succeeds_resumes_the_schedule() -> None:
@@ -131,7 +143,7 @@ def test_a_retry_that_succeeds_resumes_the_schedule() -> None:
     w.add(interval=10, visibility_timeout=30)
     w.advance(35)
     first, retry, *rest = w.beats_of("rh")
-    assert retry - first == pytest.approx(0.125 + TICK)
+    assert retry - first == pytest.approx(0.125)
     assert rest[0] - first == pytest.approx(10)  # the cadence of the first beat
 
 
@@ -202,7 +214,7 @@ def test_a_long_extension_postpones_the_regular_beats() -> None:
     w.advance(519)
     assert w.beats_of("rh") == [10.0]
     w.advance(521)
-    assert w.beats_of("rh") == pytest.approx([10.0, 520 + TICK])
+    assert w.beats_of("rh") == [10.0, 520.0]
 
 
 def test_a_short_extension_is_topped_up_at_once() -> None:
@@ -242,6 +254,6 @@ def test_a_new_pace_counts_from_the_last_beat() -> None:
     w.advance(FIRST)
     assert w.sidecar.reconfigure("rh", 10, 40)
     w.advance(FIRST + 10.5)
-    assert w.beats_of("rh") == pytest.approx([FIRST, FIRST + 10 + TICK])
+    assert w.beats_of("rh") == [FIRST, FIRST + 10]
     assert w.calls[-1].entries == [("rh", 40)]
     assert math.isinf(w.sidecar.turn(wait=False)) is False

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from celery_sqs_heartbeat._errors import Failure
-from celery_sqs_heartbeat._heartbeat import TICK, Heartbeat, State
+from celery_sqs_heartbeat._heartbeat import Heartbeat, State
 from celery_sqs_heartbeat._send import Outcome
 from celery_sqs_heartbeat._settings import HeartbeatOptions
 
@@ -102,8 +102,8 @@ def _run(operations: list[object], replies: list[Failure | None], *, answer_all:
             hb = Heartbeat(rh, f"q{op.queue}", options, w.now - op.age)
             assert w.sidecar.add(hb)
             w.live[rh] = hb
-            # The queue's own timeout must outlast the first beat (and the loop's tick).
-            w.hidden[rh] = max(w.now, hb.next_due) + TICK
+            # The queue's own timeout must outlast the first beat.
+            w.hidden[rh] = max(w.now, hb.next_due)
         elif isinstance(op, Stop) and w.live:
             rh = sorted(w.live)[op.pick % len(w.live)]
             w.sidecar.stop(rh)
