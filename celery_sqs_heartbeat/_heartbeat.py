@@ -30,6 +30,7 @@ beat is planned for it again. ``in_flight`` says a call for it is out, in any st
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Callable
 
@@ -59,6 +60,7 @@ BACKOFF_INITIAL = 0.25
 BACKOFF_MAX_FRACTION = 0.5
 
 
+@functools.lru_cache(maxsize=256)
 def grid(interval: float) -> float:
     """The step of the grid the beats of a heartbeat with this interval fall on.
 

@@ -43,6 +43,8 @@ class Stats:
 
 
 class _Counts(ctypes.Structure):
+    """The counters in memory shared with prefork pool children."""
+
     _fields_ = [
         ("started", ctypes.c_int64),
         ("stopped", ctypes.c_int64),
@@ -51,6 +53,18 @@ class _Counts(ctypes.Structure):
         ("messages_lost", ctypes.c_int64),
         ("failures", ctypes.c_int64 * len(_FAILURES)),
     ]
+
+
+class _PrivateCounts:
+    """The same counters as plain ints, where nothing is shared: a ctypes field costs
+    several times more, and ``started``/``stopped`` are counted for every message."""
+
+    __slots__ = ("beats_sent", "failures", "late_beats", "messages_lost", "started", "stopped")
+
+    def __init__(self) -> None:
+        self.started = self.stopped = self.beats_sent = self.late_beats = 0
+        self.messages_lost = 0
+        self.failures = [0] * len(_FAILURES)
 
 
 #: Bytes the counters take in a buffer shared with pool children.
@@ -64,7 +78,7 @@ class Counters:
     """
 
     def __init__(self, buffer: Any = None, lock: Any = None) -> None:
-        self._counts = _Counts() if buffer is None else _Counts.from_buffer(buffer)
+        self._counts: Any = _PrivateCounts() if buffer is None else _Counts.from_buffer(buffer)
         self._lock = lock if lock is not None else threading.Lock()
 
     def started(self) -> None:
