@@ -106,8 +106,9 @@ SETTINGS: tuple[Setting, ...] = (
         "sqs_heartbeat_interval",
         30,
         "seconds (int, float or timedelta)",
-        "Time between beats. The first beat comes one interval after the task starts,"
-        " so a shorter task makes no SQS call.",
+        "Time between beats (at most). The first beat comes one interval after the message"
+        " is received (up to an eighth of an interval more, on the beats' grid), so a"
+        " shorter task makes no SQS call.",
         _parse_interval,
     ),
     Setting(
