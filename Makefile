@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test unit integration lint typecheck docs demo bench soak clean
+.PHONY: help venv test unit integration lint typecheck docs demo bench soak clean dist
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -46,8 +46,13 @@ demo: $(STAMP)  ## Two workers on an embedded SQS: a long task runs twice withou
 bench: $(STAMP)  ## Measure what the heartbeat costs (~6 min); writes docs/performance.md
 	$(BIN)/python -m benchmarks.run
 
+dist: $(STAMP)  ## Build the sdist and the wheel into dist/ and check them with twine
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
+
 soak: $(STAMP)  ## 10,000 short + 50 long tasks, two workers: each runs once, nothing left, threads and memory flat (~5 min)
 	$(BIN)/python -m benchmarks.soak
 
 clean:  ## Remove the virtual environment and caches
-	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) dist site .pytest_cache .mypy_cache .ruff_cache *.egg-info
