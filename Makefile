@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-# Other Pythons (LocalStack's) are found on PATH, then in pyenv's versions.
+# Other Pythons (the matrix's, LocalStack's) are found on PATH, then in pyenv's versions.
 PYENV_ROOT ?= $(or $(shell pyenv root 2>/dev/null),$(HOME)/.pyenv)
 empty :=
 space := $(empty) $(empty)
@@ -25,7 +25,7 @@ LOCALSTACK_PACKAGES := "localstack-core[base-runtime]==2026.3.0" "cbor2<6" "pyop
 	"cryptography<47" service_identity
 
 .PHONY: help venv test unit integration lint typecheck docs demo bench soak clean dist \
-	test-localstack
+	test-localstack matrix
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -77,9 +77,14 @@ $(LOCALSTACK_STAMP): Makefile
 test-localstack: $(STAMP) $(LOCALSTACK_STAMP)  ## The integration suite against LocalStack's SQS on loopback
 	$(BIN)/python tests/run_on_localstack.py --localstack-python $(LOCALSTACK_VENV)/bin/python
 
+matrix: $(STAMP)  ## Python 3.10-3.13 x Celery 5.4-5.7 with nox; prints a table (~30 min)
+	mkdir -p matrix-results
+	$(WITH_PYTHONS) $(BIN)/python -m nox --no-error-on-missing-interpreters --report matrix-results/report.json; \
+	status=$$?; $(BIN)/python noxfile.py --table matrix-results/report.json; exit $$status
+
 soak: $(STAMP)  ## 10,000 short + 50 long tasks, two workers: each runs once, nothing left, threads and memory flat (~5 min)
 	$(BIN)/python -m benchmarks.soak
 
 clean:  ## Remove the virtual environment and caches
-	rm -rf $(VENV) $(LOCALSTACK_VENV) dist site .pytest_cache .mypy_cache \
+	rm -rf $(VENV) $(LOCALSTACK_VENV) .nox dist matrix-results site .pytest_cache .mypy_cache \
 		.ruff_cache *.egg-info localstack.log
