@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import urllib.parse
 from collections.abc import Sequence
@@ -73,18 +74,29 @@ class ExternalSQS:
             self.endpoint_url = f"http://{self.host}:{self.port}"
         self._dir = Path(tempfile.mkdtemp(prefix="sqshb-beats-"))
         self.beats_path = self._dir / "beats.jsonl"
+        #: Queues that were there before the tests: any other left at the end is reported.
+        self._before: set[str] = set()
 
     def start(self) -> ExternalSQS:
         if self.endpoint != AWS:
             # Local emulators accept any credentials; real SQS needs the user's own.
             for name, value in FAKE_AWS_ENV.items():
                 os.environ.setdefault(name, value)
+        self._before = set(self._queue_urls())
         return self
 
     def stop(self) -> None:
         for path in self._dir.iterdir():
             path.unlink()
         self._dir.rmdir()
+        # Scenarios delete their own queues; say so if anything else was left behind.
+        left = sorted(set(self._queue_urls()) - self._before)
+        if left:
+            sys.stderr.write(f"queues made during the tests and left on {self.endpoint}: {left}\n")
+
+    def _queue_urls(self) -> list[str]:
+        pages = self.client().get_paginator("list_queues").paginate()
+        return [url for page in pages for url in page.get("QueueUrls", [])]
 
     def __enter__(self) -> ExternalSQS:
         return self.start()
