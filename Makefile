@@ -48,7 +48,7 @@ integration: $(STAMP)  ## Real celery workers against moto's SQS server on loopb
 	$(BIN)/python -m pytest -m integration
 
 lint: $(STAMP)  ## ruff
-	$(BIN)/ruff check celery_sqs_heartbeat tests examples benchmarks
+	$(BIN)/ruff check celery_sqs_heartbeat tests examples benchmarks noxfile.py
 
 typecheck: $(STAMP)  ## mypy --strict on the package
 	$(BIN)/mypy
