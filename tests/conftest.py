@@ -301,7 +301,7 @@ class Scenario:
 
 
 @pytest.fixture
-def scenario(sqs: SQSServer, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Scenario]:
+def scenario(sqs: SQS, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Scenario]:
     s = Scenario(sqs, tmp_path)
     yield s
     s.stop()
