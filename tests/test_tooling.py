@@ -41,6 +41,7 @@ def test_matrix_table_merges_reports_and_names_missing_cells(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # no versions recorded by a real run
+    pytest.importorskip("nox", reason="the matrix's cells do not install nox")
     sys.path.insert(0, str(ROOT))
     try:
         import noxfile
