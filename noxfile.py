@@ -62,7 +62,8 @@ def table(reports: list[Path]) -> str:
     """Markdown: one row per Python, one column per Celery series, the result in each
     (from one or more nox reports, as when cells were run one at a time)."""
     results = {
-        s["name"]: s["result"]
+        # nox's report names a session by its function; its first signature is the cell.
+        s["signatures"][0]: s["result"]
         for report in reports
         for s in json.loads(report.read_text())["sessions"]
     }
