@@ -88,6 +88,13 @@ _TRANSIENT_CODES = frozenset(
         "RequestExpired",
     }
 )
+_INVALID_PARAMETER_CODES = frozenset(
+    {
+        "InvalidParameterValue",
+        "AWS.SimpleQueueService.InvalidParameterValue",
+        "InvalidParameterValueException",
+    }
+)
 #: What an endpoint that lacks an action answers (GoAws, for one, has no
 #: ``ChangeMessageVisibilityBatch``): the batch is then sent as single calls.
 _UNSUPPORTED_CODES = frozenset(
@@ -116,14 +123,16 @@ def classify_code(
         return Failure.GONE
     if known & _DENIED_CODES:
         return Failure.DENIED
-    if known & _TRANSIENT_CODES or server_fault:
-        return Failure.TRANSIENT
-    if known & {"InvalidParameterValue", "AWS.SimpleQueueService.InvalidParameterValue"}:
+    # Before the server-fault test: LocalStack marks a deleted message's batch entry
+    # InvalidParameterValueException with SenderFault false.
+    if known & _INVALID_PARAMETER_CODES:
         text = message.lower()
         if any(p in text for p in _LIMIT_PHRASES):
             return Failure.LIMIT
         if any(p in text for p in _GONE_PHRASES):
             return Failure.GONE
+    if known & _TRANSIENT_CODES or server_fault:
+        return Failure.TRANSIENT
     return Failure.UNKNOWN
 
 

@@ -1,7 +1,11 @@
-"""Fixtures: one loopback SQS server per test session, and a scenario per test.
+"""Fixtures: one SQS endpoint per test session, and a scenario per test.
+
+The endpoint is moto's server on loopback unless ``SQS_TEST_ENDPOINT`` names another
+(LocalStack, ElasticMQ, real SQS: see ``tests/sqs_endpoint.py`` and docs/testing.md).
 
 A :class:`Scenario` owns a fresh queue, the Celery settings its workers get, the file
-their tasks record their runs in, and the workers it started (stopped at teardown).
+their tasks record their runs in, and the workers it started (stopped at teardown, and
+its queues deleted).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from celery_sqs_heartbeat.testing import (
     wait_for,
 )
 
+from .sqs_endpoint import ENDPOINT_ENV, ExternalSQS, queue_prefix
+
 TESTS = Path(__file__).resolve().parent
 #: The metric recipes the docs show, loaded by workers through ``imports``.
 EXAMPLES = TESTS.parent / "examples"
@@ -37,11 +43,45 @@ KOMBU_WAIT_SECONDS = 1
 RECEIVE_SLACK = 2.5
 
 
+#: What the tests run against: moto's server (with its request log) or another endpoint.
+SQS = SQSServer | ExternalSQS
+
+
+def external_endpoint() -> str:
+    return os.environ.get(ENDPOINT_ENV, "")
+
+
 @pytest.fixture(scope="session")
-def sqs() -> Iterator[SQSServer]:
+def sqs() -> Iterator[SQS]:
+    endpoint = external_endpoint()
+    if endpoint:
+        with ExternalSQS(endpoint) as external:
+            yield external
+        return
     os.environ.update(FAKE_AWS_ENV)
     with SQSServer() as server:
         yield server
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "needs_request_log(reason): reads requests only moto's server records (deletes, "
+        "kombu's own visibility changes, batch shapes); skipped on any other endpoint",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    endpoint = external_endpoint()
+    if not endpoint:
+        return
+    for item in items:
+        marker = item.get_closest_marker("needs_request_log")
+        if marker is not None:
+            why = marker.args[0] if marker.args else "the server's request log"
+            item.add_marker(
+                pytest.mark.skip(reason=f"needs {why}; only moto's server records it ({endpoint})")
+            )
 
 
 @dataclass
@@ -58,9 +98,9 @@ class Run:
 
 @dataclass
 class Scenario:
-    sqs: SQSServer
+    sqs: SQS
     tmp: Path
-    queue: str = field(default_factory=lambda: f"t-{uuid.uuid4().hex[:10]}")
+    queue: str = field(default_factory=lambda: f"{queue_prefix()}{uuid.uuid4().hex[:10]}")
     workers: list[WorkerProcess] = field(default_factory=list)
     _apps: dict[str, Celery] = field(default_factory=dict)
 
@@ -86,6 +126,7 @@ class Scenario:
                 "visibility_timeout": queue_timeout,
                 "wait_time_seconds": KOMBU_WAIT_SECONDS,
                 "polling_interval": 0.1,
+                **self.region_option(),
             },
         }
         if heartbeat is not None:
@@ -106,6 +147,9 @@ class Scenario:
         queues: tuple[str, ...] = (),
     ) -> WorkerProcess:
         name = name or f"w{len(self.workers)}"
+        if isinstance(self.sqs, ExternalSQS):
+            # The workers record their own beats: the endpoint's requests cannot be seen.
+            conf = {**conf, "imports": [*conf.get("imports", ()), *self.sqs.worker_imports()]}
         env = {
             **self.sqs.worker_env(),
             "SQSHB_BROKER_URL": broker_url or self.sqs.broker_url,
@@ -145,6 +189,13 @@ class Scenario:
         return str(
             app.send_task(f"worker_app.{task}", args=args, queue=queue or self.queue, **options).id
         )
+
+    def region_option(self) -> dict[str, str]:
+        """kombu's ``region`` transport option where it matters: real SQS (kombu does not
+        read ``AWS_DEFAULT_REGION``)."""
+        if isinstance(self.sqs, ExternalSQS) and self.sqs.endpoint_url is None:
+            return {"region": self.sqs.region}
+        return {}
 
     def app(self, conf: dict[str, Any]) -> Celery:
         """A sending (and remote-controlling) app with the workers' settings."""
@@ -239,12 +290,22 @@ class Scenario:
         for w in self.workers:
             w.kill()
 
+    def delete_queues(self) -> None:
+        """Delete every queue this scenario made: its name, with any suffix a test gave
+        it (``.fifo``, a second queue). Only names with the tests' own prefix."""
+        client = self.sqs.client()
+        base = self.queue.removesuffix(".fifo")
+        urls = client.list_queues(QueueNamePrefix=base).get("QueueUrls", [])
+        for url in urls:
+            client.delete_queue(QueueUrl=url)
+
 
 @pytest.fixture
-def scenario(sqs: SQSServer, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Scenario]:
+def scenario(sqs: SQS, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Scenario]:
     s = Scenario(sqs, tmp_path)
     yield s
     s.stop()
+    s.delete_queues()
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
         print(s.logs()[-20000:])

@@ -111,3 +111,15 @@ def test_denied_message_names_the_action_and_resource() -> None:
     )
     text = describe_denied(url, "us-east-1")
     assert IAM_ACTION in text and "arn:aws:sqs:eu-west-1:123456789012:videos" in text
+
+
+def test_localstacks_batch_entry_for_a_deleted_message_is_gone_not_transient() -> None:
+    """LocalStack marks it InvalidParameterValueException with SenderFault false."""
+    entry = {
+        "Id": "0",
+        "SenderFault": False,
+        "Code": "InvalidParameterValueException",
+        "Message": "Value rh for parameter ReceiptHandle is invalid. Reason: Message does "
+        "not exist or is not available for visibility timeout change.",
+    }
+    assert classify_batch_entry(entry) is Failure.GONE

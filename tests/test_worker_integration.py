@@ -181,6 +181,7 @@ def test_opt_in_when_the_setting_is_off(scenario: Scenario) -> None:
     assert len(beats_for(scenario, handle[ids["opted_in"]], 3)) >= 2
 
 
+@pytest.mark.needs_request_log("the shape of each request, to count entries per batch")
 def test_concurrent_tasks_share_batched_beats(scenario: Scenario) -> None:
     """Beats of one process's tasks that fall due together go in one batch request."""
     conf = scenario.config(queue_timeout=30, heartbeat=True, interval=0.5, visibility=3)
@@ -198,6 +199,7 @@ def test_concurrent_tasks_share_batched_beats(scenario: Scenario) -> None:
     assert all(r.status == 200 for r in beats)
 
 
+@pytest.mark.needs_request_log("kombu's DeleteMessage and requeue requests, to order beats")
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_heartbeat_stops_however_the_task_ends(scenario: Scenario, pool: str) -> None:
     """After a task ends (fail, retry, Reject(requeue=True), Ignore, hard time limit), no

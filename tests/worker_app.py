@@ -8,6 +8,9 @@ from the environment:
 * ``SQSHB_BROKER_URL``: the loopback SQS server.
 * ``SQSHB_CONFIG``: JSON object of Celery settings (heartbeat settings, annotations...).
 * ``SQSHB_EVENTS``: file each task appends one JSON line to when it starts and ends.
+* ``SQSHB_DJANGO_STYLE``: when set, every setting is read as a Django project gives it,
+  upper case with the ``CELERY_`` prefix through ``config_from_object(...,
+  namespace="CELERY")`` (``CELERY_SQS_HEARTBEAT_ENABLED = True``), and none directly.
 """
 
 from __future__ import annotations
@@ -21,16 +24,38 @@ import time
 from celery import Celery
 from celery.exceptions import Ignore, Reject
 
-app = Celery("worker_app", broker=os.environ.get("SQSHB_BROKER_URL", "memory://"))
-app.conf.update(
-    task_acks_late=True,
-    worker_prefetch_multiplier=1,
-    broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=True,
+BASE_SETTINGS = {
+    "task_acks_late": True,
+    "worker_prefetch_multiplier": 1,
+    "broker_connection_retry_on_startup": True,
+    "worker_hijack_root_logger": True,
     # The broker's polling must not hide the behaviour under test: poll often.
-    broker_transport_options={"wait_time_seconds": 1, "polling_interval": 0.1},
-)
-app.conf.update(json.loads(os.environ.get("SQSHB_CONFIG", "{}")))
+    "broker_transport_options": {"wait_time_seconds": 1, "polling_interval": 0.1},
+}
+BROKER_URL = os.environ.get("SQSHB_BROKER_URL", "memory://")
+CONFIG = json.loads(os.environ.get("SQSHB_CONFIG", "{}"))
+# JSON's object keys are strings; kombu looks a backoff policy up by receive count (int).
+for _queue in CONFIG.get("broker_transport_options", {}).get("predefined_queues", {}).values():
+    if "backoff_policy" in _queue:
+        _queue["backoff_policy"] = {int(k): v for k, v in _queue["backoff_policy"].items()}
+
+
+class DjangoSettings:
+    """What ``django.conf.settings`` holds for Celery in a Django project."""
+
+    def __init__(self, settings: dict[str, object]) -> None:
+        for name, value in settings.items():
+            setattr(self, f"CELERY_{name.upper()}", value)
+
+
+if os.environ.get("SQSHB_DJANGO_STYLE"):
+    app = Celery("worker_app")
+    settings = {**BASE_SETTINGS, "broker_url": BROKER_URL, **CONFIG}
+    app.config_from_object(DjangoSettings(settings), namespace="CELERY")
+else:
+    app = Celery("worker_app", broker=BROKER_URL)
+    app.conf.update(BASE_SETTINGS)
+    app.conf.update(CONFIG)
 
 
 def record(event: str, task_id: str, **extra: object) -> None:
