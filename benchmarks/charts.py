@@ -38,8 +38,8 @@ LATENESS_P99_TARGET_MS = 1000
 #: What the overhead arms are called in the chart, by their key in the results.
 ARM_LABELS = {
     "heartbeat": "this package\n(task in the sidecar's process)",
-    "child": "this package\n(task in a prefork pool child)",
     "own": "… of which its two handlers",
+    "child": "this package\n(task in a prefork pool child)",
     "dispatch": "Celery's dispatch alone\n(two empty receivers)",
     "naive": "a thread per task\n(hand-written)",
 }
@@ -307,8 +307,8 @@ def _overhead_rows(o: Mapping[str, Any]) -> list[tuple[str, float, float | None]
     rows: list[tuple[str, float, float | None]] = []
     known = {
         "heartbeat": ("added_p50_us", "added_p99_us"),
-        "child": ("child_added_p50_us", "child_added_p99_us"),
         "own": ("own_p50_us", "own_p99_us"),
+        "child": ("child_added_p50_us", "child_added_p99_us"),
         "dispatch": ("dispatch_p50_us", "dispatch_p99_us"),
         "naive": ("naive_added_p50_us", None),
     }
