@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
 from botocore.stub import Stubber
 
@@ -16,15 +14,6 @@ from celery_sqs_heartbeat._send import Sender
 pytestmark = pytest.mark.timeout(30)
 
 QUEUE = "https://sqs.us-east-1.amazonaws.com/123456789012/jobs"
-
-
-@pytest.fixture
-def stubbed() -> Iterator[tuple[Any, Stubber]]:
-    client = boto3.client(
-        "sqs", region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s"
-    )
-    with Stubber(client) as stubber:
-        yield client, stubber
 
 
 def expect_single(stubber: Stubber, rh: str) -> None:

@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
 from botocore.stub import Stubber
 
@@ -26,15 +25,6 @@ pytestmark = pytest.mark.timeout(30)
 
 QUEUE = "https://sqs.us-east-1.amazonaws.com/123456789012/jobs"
 FAST = HeartbeatOptions(enabled=True, interval=0.05, visibility_timeout=5, max_duration=None)
-
-
-@pytest.fixture
-def stubbed() -> Iterator[tuple[Any, Stubber]]:
-    client = boto3.client(
-        "sqs", region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s"
-    )
-    with Stubber(client) as stubber:
-        yield client, stubber
 
 
 @pytest.fixture
