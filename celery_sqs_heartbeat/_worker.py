@@ -259,12 +259,14 @@ def _fork_lock() -> Any:
 def _on_worker_process_init(**_: Any) -> None:
     from billiard.process import current_process  # type: ignore[import-untyped]
 
-    _state.pool_child = True
     slots = _state.slots
+    if slots is None:
+        return  # not a prefork pool child: the solo pool sends this signal too
+    _state.pool_child = True
     index = getattr(current_process(), "index", None)
-    if slots is not None and isinstance(index, int) and 0 <= index < slots.capacity:
+    if isinstance(index, int) and 0 <= index < slots.capacity:
         _state.slot = index
-    elif slots is not None:
+    else:
         _state.note_once(
             "no-slot",
             logging.WARNING,

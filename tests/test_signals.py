@@ -143,3 +143,26 @@ def test_handlers_never_raise_into_celery(app: Celery, caplog: pytest.LogCapture
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info is not None
     assert "could not start a heartbeat for a received message" in errors[0].getMessage()
+
+
+def test_the_solo_pools_worker_process_init_keeps_the_task_handlers(app: Celery) -> None:
+    """The solo pool sends worker_process_init in the worker's own process: that process
+    is no prefork pool child, and postrun must still stop the heartbeat at once."""
+    signals.worker_process_init.send(sender=None)
+
+    @app.task(name="signals.solo")
+    def solo() -> None: ...
+
+    solo.push_request(
+        id="t1",
+        is_eager=False,
+        properties={"delivery_tag": "rh-solo", "delivery_info": {"sqs_queue": QUEUE}},
+    )
+    try:
+        signals.task_prerun.send(sender=solo, task_id="t1", task=solo)
+        sidecar = _worker.current_sidecar()
+        assert sidecar is not None and len(sidecar) == 1
+        signals.task_postrun.send(sender=solo, task_id="t1", task=solo)
+        assert len(sidecar) == 0
+    finally:
+        solo.pop_request()
