@@ -1,4 +1,4 @@
-"""Signals, stats and the two metric recipes of docs/observability.md, in real workers.
+"""Signals, stats and the two metric recipes of docs/troubleshooting.md, in real workers.
 
 The recipes are the modules in ``examples/``, loaded by the worker through Celery's
 ``imports`` setting exactly as the docs tell users to.
