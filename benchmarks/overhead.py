@@ -1,17 +1,19 @@
-"""Figure 1: what task_prerun + task_postrun cost one task, through Celery's own signals.
+"""Figure 1: what the heartbeat adds to one task, through Celery's own signals.
 
-A real task object with SQS message properties goes through what the worker's tracer
-does around every task (push the request, send task_prerun, send task_postrun, pop the
-request), in arms interleaved round by round so that machine drift hits all alike:
+A registered task goes through what a worker does for every message: the consumer sends
+``task_received`` for it, then the tracer pushes the request (with SQS message
+properties), sends ``task_prerun`` and ``task_postrun``, and pops the request. Arms are
+interleaved round by round so that machine drift hits all alike:
 
 * baseline: no heartbeat receivers at all;
-* heartbeat: this package installed, the task in the sidecar's own process (threads,
-  solo, green pools); the task is shorter than one interval, so no call. Its heartbeat is
-  made at prerun here, which costs what ``task_received`` costs in a worker;
-* heartbeat, prefork child: the same handlers in a pool child, which write its slot;
+* heartbeat: this package in a threads (solo, green) worker's main process, which runs
+  all three handlers: the message's heartbeat made at receipt, its task's start and end.
+  The task is shorter than one interval, so no call;
+* heartbeat, prefork child: the two handlers a pool child runs (its slot's writes; the
+  receipt is the main process's);
 * naive: a hand-written heartbeat that starts one thread per task at prerun and stops
   and joins it at postrun;
-* dispatch: two receivers that do nothing, i.e. what Celery's signal dispatch alone
+* dispatch: three receivers that do nothing, i.e. what Celery's signal dispatch alone
   costs any signal-based design, ours included.
 """
 
@@ -26,7 +28,6 @@ from celery import Celery, signals
 
 import celery_sqs_heartbeat
 from celery_sqs_heartbeat import _worker
-from celery_sqs_heartbeat._slots import Slots
 
 from ._stats import percentile
 
@@ -34,11 +35,29 @@ QUEUE_URL = "http://127.0.0.1:9/123456789012/bench"
 #: Rounds of each arm, alternating their order; samples per arm per round.
 ROUNDS = 80
 PER_ROUND = 250
+#: The signals of one message, in the order a worker sends them.
+SIGNALS = (signals.task_received, signals.task_prerun, signals.task_postrun)
 
 
-def _one(task: Any, i: int) -> int:
+class _Stand:
+    """What a handler reads of Celery's request and kombu's message: a stand-in, so the
+    baseline does not pay for building Celery's own."""
+
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+
+def _message(task: Any, i: int) -> tuple[str, Any]:
     handle = f"rh-{i}"
+    message = _Stand(
+        delivery_tag=handle, delivery_info={"sqs_queue": QUEUE_URL}, acknowledged=False
+    )
+    return handle, _Stand(task=task, message=message, id=handle, request_dict={})
+
+
+def _one(task: Any, handle: str, request: Any) -> int:
     t0 = time.perf_counter_ns()
+    signals.task_received.send(sender=None, request=request)
     task.push_request(
         id=handle,
         is_eager=False,
@@ -53,33 +72,34 @@ def _one(task: Any, i: int) -> int:
 
 
 def _own_time(task: Any, handlers: list[tuple[Any, Any]]) -> list[float]:
-    """Per task, microseconds spent inside our two handlers, timed where Celery calls them.
+    """Per task, microseconds spent inside our three handlers, timed where Celery calls
+    them.
 
     On a shared virtual machine the 99th percentile of a ~20 µs loop is set by timer
     interrupts and steal time, which hit a longer sample more often; this isolates what
     the handlers themselves take.
     """
-    (pre_signal, pre), (post_signal, post) = handlers
     spent: list[int] = []
+    timed = []
+    for n, (signal, handler) in enumerate(handlers):
 
-    def timed_pre(**kw: Any) -> None:
-        t0 = time.perf_counter_ns()
-        pre(**kw)
-        spent.append(time.perf_counter_ns() - t0)
+        def timing(handler: Any = handler, first: bool = n == 0, **kw: Any) -> None:
+            t0 = time.perf_counter_ns()
+            handler(**kw)
+            took = time.perf_counter_ns() - t0
+            if first:
+                spent.append(took)
+            else:
+                spent[-1] += took
 
-    def timed_post(**kw: Any) -> None:
-        t0 = time.perf_counter_ns()
-        post(**kw)
-        spent[-1] += time.perf_counter_ns() - t0
-
-    pre_signal.connect(timed_pre, weak=False)
-    post_signal.connect(timed_post, weak=False)
+        signal.connect(timing, weak=False)
+        timed.append((signal, timing))
     try:
         for i in range(ROUNDS * PER_ROUND):
-            _one(task, i)
+            _one(task, *_message(task, i))
     finally:
-        pre_signal.disconnect(timed_pre)
-        post_signal.disconnect(timed_post)
+        for signal, timing in timed:
+            signal.disconnect(timing)
     return [v / 1000 for v in spent]
 
 
@@ -110,6 +130,10 @@ class Naive:
         thread.join()
 
 
+class _Worker(_Stand):
+    __hash__ = object.__hash__  # Celery's signals cache receivers by sender
+
+
 def run() -> dict[str, Any]:
     app = Celery("bench", broker="sqs://127.0.0.1:9", set_as_current=False)
     app.conf.update(sqs_heartbeat_enabled=True, task_acks_late=True)
@@ -127,49 +151,41 @@ def run() -> dict[str, Any]:
         "naive": [],
         "dispatch": [],
     }
-    # Installed once, as in a worker, so the sidecar thread and its client exist before
-    # the first task; each round then connects only the two task handlers.
+    # The roles as a worker builds them at worker_init (and worker_process_init), with
+    # the sidecar thread and its client made before the first task. Each round then
+    # connects only the arm's handlers.
     celery_sqs_heartbeat.install(app)
-    handlers = [
-        (sig, fn)
-        for sig, fn in _worker._HANDLERS
-        if sig in (signals.task_prerun, signals.task_postrun)
-    ]
-    for sig, fn in handlers:
+    handlers = [(sig, fn) for sig, fn in _worker._HANDLERS if sig in SIGNALS]
+    for sig, fn in _worker._HANDLERS:
         sig.disconnect(fn, dispatch_uid=f"celery_sqs_heartbeat.{fn.__name__}")
-    _worker.ensure_sidecar(app)
-    slots = Slots(1)
+    threads = _worker._for_worker(_Worker(app=app, pool_cls="threads", concurrency=1, options={}))
+    prefork = _worker._for_worker(_Worker(app=app, pool_cls="prefork", concurrency=1, options={}))
+    assert isinstance(threads, _worker.Main) and isinstance(prefork, _worker.Main)
+    assert prefork.slots is not None
+    threads.start()
+    child = _worker.Child(prefork, prefork.slots, 0)
+    arms: dict[str, tuple[Any, list[tuple[Any, Any]]]] = {
+        "heartbeat": (threads, handlers),
+        "child": (child, handlers[1:]),
+        "naive": (None, [(SIGNALS[1], naive.prerun), (SIGNALS[2], naive.postrun)]),
+        "dispatch": (None, [(sig, _nothing) for sig in SIGNALS]),
+    }
 
     def arm(name: str) -> None:
-        if name in ("heartbeat", "child"):
-            for sig, fn in handlers:
-                sig.connect(fn, weak=False)
-            if name == "child":  # what worker_init and worker_process_init set up
-                state = _worker._state
-                state.slots, state.slot, state.pool_child = slots, 0, True
-        elif name == "naive":
-            signals.task_prerun.connect(naive.prerun, weak=False)
-            signals.task_postrun.connect(naive.postrun, weak=False)
-        elif name == "dispatch":
-            signals.task_prerun.connect(_nothing, weak=False)
-            signals.task_postrun.connect(_nothing, weak=False)
+        role, receivers = arms.get(name, (None, []))
+        if role is not None:
+            _worker._role = role
+        for sig, fn in receivers:
+            sig.connect(fn, weak=False)
+        messages = [_message(noop, i) for i in range(PER_ROUND)]
         try:
-            for i in range(PER_ROUND):
-                samples[name].append(_one(noop, i))
+            for handle, request in messages:
+                samples[name].append(_one(noop, handle, request))
         finally:
-            if name in ("heartbeat", "child"):
-                for sig, fn in handlers:
-                    sig.disconnect(fn)
-                state = _worker._state
-                state.slots, state.slot, state.pool_child = None, None, False
-            elif name == "naive":
-                signals.task_prerun.disconnect(naive.prerun)
-                signals.task_postrun.disconnect(naive.postrun)
-            elif name == "dispatch":
-                signals.task_prerun.disconnect(_nothing)
-                signals.task_postrun.disconnect(_nothing)
+            for sig, fn in receivers:
+                sig.disconnect(fn)
 
-    for name in samples:  # warm-up: imports, the sidecar's first client, caches
+    for name in samples:  # warm-up: imports, caches
         arm(name)
         samples[name].clear()
     gc.collect()
@@ -179,9 +195,11 @@ def run() -> dict[str, Any]:
             order = list(samples) if r % 2 == 0 else list(reversed(samples))
             for name in order:
                 arm(name)
+        _worker._role = threads
         own = _own_time(noop, handlers)
     finally:
         gc.enable()
+        threads.shutdown()
         celery_sqs_heartbeat.uninstall()
 
     us = {k: [v / 1000 for v in vs] for k, vs in samples.items()}

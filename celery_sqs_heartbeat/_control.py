@@ -5,10 +5,12 @@ pace for the rest of the task. The automatic heartbeat stays in charge of everyt
 else (stopping at the end, retries, the 12-hour limit), so a task that calls nothing
 here is still covered.
 
-Where the task runs in the worker's main process, both go to the sidecar. In a prefork
-pool child, the child sends its own extension (with an SQS client it makes on first
-use, so a child that never extends pays nothing for it) and tells the main process
-through its slot, which holds the regular beats meanwhile and paces them afterwards.
+Where the task runs in the worker's main process (:class:`InProcess`), both go to the
+sidecar, and the handle shows the sidecar's own heartbeat. In a prefork pool child
+(:class:`InChild`) the task has its own record of its heartbeat, kept for the whole task:
+the child sends its own extension (with an SQS client it makes on first use, so a child
+that never extends pays nothing for it) and tells the main process through its slot,
+which holds the regular beats meanwhile and paces them afterwards.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Protocol
 
-from ._heartbeat import Heartbeat, State
+from ._heartbeat import Ended, Heartbeat, allowed
 from ._report import Reporter
 from ._send import Sender
 from ._settings import MAX_VISIBILITY_SECONDS, ConfigurationError, resolve_pace
@@ -28,55 +30,64 @@ from ._slots import Slots
 
 
 class _Control(Protocol):
-    def extend(self, hb: Heartbeat, seconds: int) -> bool: ...
+    @property
+    def heartbeat(self) -> Heartbeat: ...
 
-    def reconfigure(self, hb: Heartbeat, interval: float, visibility_timeout: int) -> bool: ...
+    def extend(self, seconds: int) -> bool: ...
+
+    def reconfigure(self, interval: float, visibility_timeout: int) -> bool: ...
 
 
 class InProcess:
     """The task runs in the process of the sidecar (threads, solo, gevent, eventlet)."""
 
-    def __init__(self, sidecar: Sidecar) -> None:
+    def __init__(self, sidecar: Sidecar, hb: Heartbeat) -> None:
         self._sidecar = sidecar
+        self.heartbeat = hb
 
-    def extend(self, hb: Heartbeat, seconds: int) -> bool:
-        return self._sidecar.extend(hb.receipt_handle, seconds)
+    def extend(self, seconds: int) -> bool:
+        return self._sidecar.extend(self.heartbeat, seconds)
 
-    def reconfigure(self, hb: Heartbeat, interval: float, visibility_timeout: int) -> bool:
-        return self._sidecar.reconfigure(hb.receipt_handle, interval, visibility_timeout)
+    def reconfigure(self, interval: float, visibility_timeout: int) -> bool:
+        return self._sidecar.reconfigure(self.heartbeat, interval, visibility_timeout)
 
 
 class InChild:
-    """The task runs in prefork pool child *index*; *hb* is the child's own copy."""
+    """The task runs in prefork pool child *index*; *hb* is the task's own record, which
+    only the task's thread changes (the main process keeps the regular beats')."""
 
     def __init__(
-        self, slots: Slots, index: int, sender: Callable[[], Sender], reporter: Reporter
+        self,
+        slots: Slots,
+        index: int,
+        hb: Heartbeat,
+        sender: Callable[[], Sender],
+        reporter: Reporter,
     ) -> None:
         self._slots = slots
         self._index = index
+        self.heartbeat = hb
         self._sender = sender
         self._report = reporter
 
-    def extend(self, hb: Heartbeat, seconds: int) -> bool:
-        asked = min(seconds, math.floor(hb.limit_at - time.monotonic()))
-        if asked < 1:
+    def extend(self, seconds: int) -> bool:
+        hb = self.heartbeat
+        asked = allowed(seconds, time.monotonic(), hb.received)
+        if isinstance(asked, Ended):
             return False
-        sender = self._sender()
+        sender = self._sender()  # built before the main process's beats are held
         with self._slots.extending(self._index):
             sent = time.monotonic()
-            outcome = sender.send(hb.queue_url, [(hb.receipt_handle, asked)])
-            failure = outcome.failures[0]
-            if failure is None:
+            answer = sender.send(hb.queue_url, [(hb.receipt_handle, asked)])[0]
+            if answer.failure is None:
                 self._slots.extended(self._index, sent, asked)
-                hb.extended(sent, asked)
-            else:
-                hb.extension_failed(failure)
-        self._report.extension(hb, asked, outcome)
-        return failure is None
+        settled = hb.settle(sent, asked, answer, time.monotonic(), manual=True)
+        self._report.settled(settled)
+        return answer.failure is None
 
-    def reconfigure(self, hb: Heartbeat, interval: float, visibility_timeout: int) -> bool:
+    def reconfigure(self, interval: float, visibility_timeout: int) -> bool:
         self._slots.configure(self._index, interval, visibility_timeout)
-        hb.interval, hb.visibility_timeout = interval, visibility_timeout
+        self.heartbeat.reconfigure(interval, visibility_timeout)
         return True
 
 
@@ -88,42 +99,41 @@ class TaskHeartbeat:
     failed beat. Only arguments the heartbeat cannot use raise :class:`ValueError`.
     """
 
-    __slots__ = ("_control", "_heartbeat")
+    __slots__ = ("_control",)
 
-    def __init__(self, control: _Control, heartbeat: Heartbeat) -> None:
+    def __init__(self, control: _Control) -> None:
         self._control = control
-        self._heartbeat = heartbeat
 
     @property
     def receipt_handle(self) -> str:
         """The receipt handle of the task's SQS message."""
-        return self._heartbeat.receipt_handle
+        return self._control.heartbeat.receipt_handle
 
     @property
     def queue_url(self) -> str:
-        return self._heartbeat.queue_url
+        return self._control.heartbeat.queue_url
 
     @property
     def active(self) -> bool:
         """Whether it still beats: False once it ended (message lost, or
         ``sqs_heartbeat_max_duration`` reached)."""
-        return self._heartbeat.state is not State.ENDED
+        return self._control.heartbeat.ended is None
 
     @property
     def interval(self) -> float:
         """Seconds between beats, as now in force."""
-        return self._heartbeat.interval
+        return self._control.heartbeat.options.interval
 
     @property
     def visibility_timeout(self) -> int:
         """Visibility each regular beat asks for, as now in force."""
-        return self._heartbeat.visibility_timeout
+        return self._control.heartbeat.options.visibility_timeout
 
     @property
     def beats(self) -> int:
         """Beats and extensions SQS accepted for this message so far (in a prefork pool
         child: the extensions this task sent itself; the worker counts the rest)."""
-        return self._heartbeat.beats
+        return self._control.heartbeat.beats
 
     def extend(self, seconds: float | timedelta) -> bool:
         """Keep the message hidden for *seconds* from now (whole seconds, rounded up).
@@ -143,7 +153,7 @@ class TaskHeartbeat:
             )
         if not self.active:
             return False
-        return self._control.extend(self._heartbeat, math.ceil(value))
+        return self._control.extend(math.ceil(value))
 
     def configure(
         self,
@@ -156,21 +166,21 @@ class TaskHeartbeat:
         Takes effect from the next beat (the one after the last one sent). Validated like
         the settings of the same names; False when the heartbeat has already ended.
         """
-        hb = self._heartbeat
         if not self.active:
             return False
         try:
             new_interval, new_visibility = resolve_pace(
-                hb.interval if interval is None else interval,
-                hb.visibility_timeout if visibility_timeout is None else visibility_timeout,
+                self.interval if interval is None else interval,
+                self.visibility_timeout if visibility_timeout is None else visibility_timeout,
             )
         except ConfigurationError as exc:
             raise ValueError(f"configure(): {exc.setting}={exc.value!r} {exc.reason}") from None
-        return self._control.reconfigure(hb, new_interval, new_visibility)
+        return self._control.reconfigure(new_interval, new_visibility)
 
     def __repr__(self) -> str:
-        hb = self._heartbeat
+        hb = self._control.heartbeat
         return (
-            f"<TaskHeartbeat {hb.task_name}[{hb.task_id}] interval={hb.interval:g} "
-            f"visibility_timeout={hb.visibility_timeout} beats={hb.beats} active={self.active}>"
+            f"<TaskHeartbeat {hb.task_name}[{hb.task_id}] interval={self.interval:g} "
+            f"visibility_timeout={self.visibility_timeout} beats={hb.beats} "
+            f"active={self.active}>"
         )

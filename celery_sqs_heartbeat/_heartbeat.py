@@ -1,7 +1,9 @@
-"""One message's heartbeat: its state, its transitions, and when its next beat is due.
+"""One message's heartbeat: what the worker knows of it, and when its next beat is due.
 
-Pure bookkeeping, with no threads, no clock and no SQS: the sidecar passes ``now`` in,
-sends what is due, and hands each result back. The timing rules, all in one place:
+Pure bookkeeping, with no threads, no clock and no SQS. The sidecar owns every
+:class:`Heartbeat` and changes it only under its own lock: it passes ``now`` in, sends
+what is due, and hands each answer back to :meth:`Heartbeat.settle`. The timing rules,
+all in one place:
 
 * Beats fall on a grid: multiples of a step, the largest power of two (in seconds) not
   above an eighth of the interval (:func:`grid`). Beats of many messages then fall due
@@ -14,27 +16,30 @@ sends what is due, and hands each result back. The timing rules, all in one plac
 * A request with free places also takes the queue's beats due within
   :data:`RIDE_FRACTION` of their interval (never a first beat), so the beats of a busy
   worker settle into full requests.
-* Nothing is asked past SQS's 12-hour limit from receipt, nor beaten past
-  ``max_duration`` from the task's start.
+* Nothing is asked past SQS's 12-hour limit from receipt, and no regular beat is sent
+  past ``max_duration`` from the task's start: both in :func:`allowed`.
 * A transient failure is retried with jittered exponential backoff while the message's
   visibility lasts; once it has run out the message may be with another worker, and the
   heartbeat ends as lost.
 * After a manual extension the regular beats resume when the message has as much
   visibility left as before any regular beat (window minus interval).
 
-States: ``WAITING`` (received, its task not started) → ``RUNNING`` (its task started)
-→ ``ENDED``; a waiting message may also end without running. ``ENDED`` is final: no
-beat is planned for it again. ``in_flight`` says a call for it is out, in any state.
+A heartbeat is *waiting* until its task starts (``started`` is None), then *running*,
+and *ended* once ``ended`` holds a reason: that is final, no beat is planned for it
+again. ``in_flight`` says a call for it is out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ._errors import Failure
+from ._send import Answer
 from ._settings import MAX_VISIBILITY_SECONDS, HeartbeatOptions
 
 #: The grid's step is at most this fraction of the interval: the first beat comes at
@@ -69,14 +74,8 @@ def grid(interval: float) -> float:
     return float(2.0 ** math.floor(math.log2(interval * GRID_FRACTION)))
 
 
-class State(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    ENDED = "ended"
-
-
 class Ended(enum.Enum):
-    """Why a heartbeat ended. Only the first two are the normal end of a message."""
+    """Why a heartbeat ended (``_report`` says what each one logs and counts)."""
 
     TASK_ENDED = "task ended"
     #: Celery acknowledged, rejected or requeued the message, or its pool process died
@@ -88,24 +87,35 @@ class Ended(enum.Enum):
     MAX_DURATION = "sqs_heartbeat_max_duration reached"
     LOST = "visibility lapsed before a beat got through"
 
-    @property
-    def normal(self) -> bool:
-        """Whether this is the normal end of a message (a per-task path: no hashing)."""
-        return self is Ended.TASK_ENDED or self is Ended.SETTLED
 
-    @property
-    def lost(self) -> bool:
-        """Whether the message may now run again elsewhere because of this end."""
-        return not self.normal and self is not Ended.MAX_DURATION
+#: The failures that end a heartbeat at once, and how.
+_FINAL = {Failure.GONE: Ended.GONE, Failure.DENIED: Ended.DENIED, Failure.LIMIT: Ended.LIMIT}
 
 
-_ENDED_BY = {Failure.GONE: Ended.GONE, Failure.DENIED: Ended.DENIED, Failure.LIMIT: Ended.LIMIT}
+def allowed(
+    seconds: int,
+    now: float,
+    received: float,
+    started: float | None = None,
+    max_duration: float | None = None,
+) -> int | Ended:
+    """The visibility a call sent *now* may ask for, at most *seconds*; or why none may.
+
+    The two limits of every call, a regular beat's or a task's own extension: SQS's
+    12-hour limit from the receipt (asking past it is an error, so the last calls ask
+    for what is left), and ``max_duration`` from the task's start.
+    """
+    if max_duration is not None and started is not None and now >= started + max_duration:
+        return Ended.MAX_DURATION
+    left = math.floor(received + MAX_VISIBILITY_SECONDS - RECEIPT_ALLOWANCE - now)
+    return Ended.LIMIT if left < 1 else min(seconds, left)
 
 
 class Heartbeat:
     """The heartbeat of one received message, keyed by its receipt handle.
 
-    A plain slotted class: one is made for every message a worker receives.
+    One is made for every message a worker receives, most of which end before their
+    first beat: the constructor only stores.
     """
 
     __slots__ = (
@@ -114,21 +124,17 @@ class Heartbeat:
         "ended",
         "failures",
         "in_flight",
-        "interval",
         "is_settled",
         "last_sent",
-        "max_duration",
         "next_due",
+        "options",
         "queue_url",
         "receipt_handle",
         "received",
         "slot",
         "started",
-        "state",
-        "step",
         "task_id",
         "task_name",
-        "visibility_timeout",
         "visible_until",
     )
 
@@ -146,124 +152,128 @@ class Heartbeat:
         self.queue_url = queue_url
         self.task_name = task_name
         self.task_id = task_id
-        self.interval = options.interval
-        self.visibility_timeout = options.visibility_timeout
-        self.max_duration = options.max_duration
+        #: The pace in force: the task's options, or what the task set since.
+        self.options = options
         #: Whether Celery has settled the message (kombu's ``Message.acknowledged``).
         self.is_settled = is_settled
-        self.state = State.WAITING
-        self.ended: Ended | None = None
         self.received = now
         self.started: float | None = None
-        #: When the last accepted beat was sent (the receipt, before the first).
-        self.last_sent = now
-        self.step = grid(options.interval)
+        self.ended: Ended | None = None
+        step = grid(options.interval)
         #: When the next regular beat is due: for cadence and lateness.
-        self.due = math.ceil((now + options.interval) / self.step) * self.step
+        self.due = math.ceil((now + options.interval) / step) * step
         #: When the next attempt is due: ``due``, or a retry's time after a failure.
         self.next_due = self.due
+        #: When the last accepted call was sent (the receipt, before the first).
+        self.last_sent = now
         #: Until when the message is known to stay hidden; unknown (infinite) until the
         #: first beat, since the queue's own timeout is not known here.
         self.visible_until = math.inf
         self.beats = 0
-        #: Failed attempts since the last accepted beat.
+        #: Failed attempts since the last accepted call.
         self.failures = 0
         self.in_flight = False
-        #: The prefork pool slot its task runs in, once the sidecar has seen it there.
+        #: The prefork pool slot its task runs in, once the sidecar has found it there.
         self.slot: int | None = None
 
-    # -- transitions -------------------------------------------------------------------
-
-    def run(self, now: float) -> None:
-        """Its task started (in this process, or in a pool child)."""
-        if self.state is State.WAITING:
-            self.state, self.started = State.RUNNING, now
+    # -- transitions (the sidecar's, under its lock) ----------------------------------
 
     def end(self, reason: Ended) -> bool:
         """End it for good; False if it had already ended."""
-        if self.state is State.ENDED:
+        if self.ended is not None:
             return False
-        self.state, self.ended = State.ENDED, reason
+        self.ended = reason
         return True
 
     def plan(self, now: float) -> int | None:
-        """The visibility to ask for in a beat sent now, or None when it must end instead
-        (it is then ended: SQS's 12-hour limit or ``max_duration`` reached)."""
-        limit = self.max_duration
-        if self.started is not None and limit is not None and now >= self.started + limit:
-            self.end(Ended.MAX_DURATION)
+        """The visibility to ask for in a beat sent now; None when it has ended instead
+        (a limit of :func:`allowed` reached)."""
+        options = self.options
+        asked = allowed(
+            options.visibility_timeout, now, self.received, self.started, options.max_duration
+        )
+        if isinstance(asked, Ended):
+            self.end(asked)
             return None
-        # Never ask past SQS's 12-hour limit: SQS rejects such a request outright.
-        left = math.floor(self.limit_at - now)
-        if left < 1:
-            self.end(Ended.LIMIT)
-            return None
-        return min(self.visibility_timeout, left)
+        return asked
 
     def settle(
-        self, sent: float, asked: int, failure: Failure | None, now: float, jitter: float = 0.5
-    ) -> float | None:
-        """Apply the result of a beat sent at *sent*; returns the retry delay of a
-        transient failure that is retried (the heartbeat stays on), else None. *jitter*
-        (0..1) spreads the retries of many workers."""
+        self,
+        sent: float,
+        asked: int,
+        answer: Answer,
+        now: float,
+        jitter: float = 0.5,
+        *,
+        manual: bool = False,
+    ) -> Settled:
+        """Apply SQS's *answer* to a call sent at *sent* asking for *asked* seconds: a
+        regular beat, or the task's own extension (*manual*). A transient failure of a
+        regular beat is retried while the message stays hidden; *jitter* (0..1) spreads
+        the retries of many workers."""
         self.in_flight = False
-        if self.state is State.ENDED:
+        moot, due, failure = self.ended is not None, self.due, answer.failure
+        retry_in = None
+        if moot:
             self.beats += failure is None  # what SQS took while it was stopping
-            return None
-        if failure is None:
-            self.beats += 1
-            self.failures = 0
-            self.visible_until = sent + asked
-            self.last_sent = sent
-            self._schedule(self._on_grid(sent + self.interval))
-            return None
-        ended = _ENDED_BY.get(failure)
-        if ended is None:
+        elif failure is None:
+            self.accepted(sent, asked, manual=manual)
+        elif failure in _FINAL:
+            self.end(_FINAL[failure])
+        elif not manual:  # a failed extension: the regular beats simply go on
             self.failures += 1
             retry_in = self.backoff(jitter)
             if now + retry_in < self.visible_until:
                 self.next_due = now + retry_in
-                return retry_in
-            ended = Ended.LOST
-        self.end(ended)
-        return None
+            else:
+                retry_in = None
+                self.end(Ended.LOST)
+        return Settled(
+            self,
+            asked,
+            answer,
+            lateness=0.0 if manual else max(0.0, now - due),
+            retry_in=retry_in,
+            beats=self.beats,
+            failures=self.failures,
+            manual=manual,
+            moot=moot,
+            ended=not moot and self.ended is not None,
+        )
 
-    def extended(self, sent: float, seconds: int) -> None:
-        """A manual extension of *seconds* sent at *sent* was accepted."""
+    def accepted(self, sent: float, seconds: int, *, manual: bool = False) -> None:
+        """SQS took a call sent at *sent* to keep the message hidden *seconds* more."""
         self.beats += 1
         self.failures = 0
         self.visible_until = sent + seconds
         self.last_sent = sent
-        margin = self.visibility_timeout - self.interval
-        self._schedule(max(sent, self._on_grid(sent + seconds - margin)))
-
-    def extension_failed(self, failure: Failure) -> None:
-        """A manual extension failed: the message is gone or out of reach, or the
-        regular beats simply go on."""
-        ended = _ENDED_BY.get(failure)
-        if ended is not None:
-            self.end(ended)
+        if manual:
+            margin = self.options.visibility_timeout - self.options.interval
+            self._schedule(max(sent, self._on_grid(sent + seconds - margin)))
+        else:
+            self._schedule(self._on_grid(sent + self.options.interval))
 
     def reconfigure(self, interval: float, visibility_timeout: int) -> None:
         """Another pace from the next beat on (due one new interval after the last)."""
-        self.interval, self.visibility_timeout = interval, visibility_timeout
-        self.step = grid(interval)
+        self.options = dataclasses.replace(
+            self.options, interval=interval, visibility_timeout=visibility_timeout
+        )
         if not self.failures:
             self._schedule(self._on_grid(self.last_sent + interval))
+
+    def put_off(self, now: float) -> None:
+        """Look again one grid step from now (its task is extending the message itself)."""
+        self.next_due = max(self.next_due, now + grid(self.options.interval))
 
     def _schedule(self, due: float) -> None:
         self.due = self.next_due = due
 
     def _on_grid(self, time: float) -> float:
         """The last grid point at or before *time*."""
-        return math.floor(time / self.step) * self.step
+        step = grid(self.options.interval)
+        return math.floor(time / step) * step
 
     # -- facts -------------------------------------------------------------------------
-
-    @property
-    def limit_at(self) -> float:
-        """SQS's 12-hour limit from receipt, less :data:`RECEIPT_ALLOWANCE`."""
-        return self.received + MAX_VISIBILITY_SECONDS - RECEIPT_ALLOWANCE
 
     @property
     def first(self) -> bool:
@@ -273,12 +283,36 @@ class Heartbeat:
     def backoff(self, jitter: float) -> float:
         """The wait before retry number ``failures``: half fixed, half *jitter* (0..1)."""
         ceiling = min(
-            BACKOFF_INITIAL * 2 ** (self.failures - 1), BACKOFF_MAX_FRACTION * self.interval
+            BACKOFF_INITIAL * 2 ** (self.failures - 1),
+            BACKOFF_MAX_FRACTION * self.options.interval,
         )
         return float(ceiling * (0.5 + 0.5 * jitter))
 
     def __repr__(self) -> str:
+        state = "waiting" if self.started is None else "running"
         return (
-            f"<Heartbeat {self.task_name}[{self.task_id}] {self.state.value} beats={self.beats}"
-            f" next_due={self.next_due:.3f} ended={self.ended}>"
+            f"<Heartbeat {self.task_name}[{self.task_id}] {self.ended or state} "
+            f"beats={self.beats} next_due={self.next_due:.3f}>"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """One answer, as :meth:`Heartbeat.settle` applied it: what ``_report`` tells people."""
+
+    hb: Heartbeat
+    asked: int
+    answer: Answer
+    #: From the beat's due time to the answer (0 for a task's own extension).
+    lateness: float
+    #: The delay of the retry a transient failure gets; None: no retry.
+    retry_in: float | None
+    #: Calls SQS accepted for the message so far, and failures in a row.
+    beats: int
+    failures: int
+    #: The task's own extension rather than a regular beat.
+    manual: bool
+    #: The heartbeat had ended before the answer came: only what SQS took counts.
+    moot: bool
+    #: This answer ended the heartbeat.
+    ended: bool

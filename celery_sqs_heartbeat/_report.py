@@ -1,9 +1,14 @@
 """What the heartbeat tells people: log lines, its own signals, and the worker's counters.
 
-Kept apart from the sidecar so that every outcome is reported in one place, once: the
-log level, the signal and the counter for an event are decided together. The counters
-live in memory that a prefork worker shares with its pool children, so ``stats()``
-gives the same worker-wide numbers in a task as in the main process.
+Every outcome is reported here, once: the counter, the signal and the log line of an
+event are decided together, and the end of a heartbeat by one table (:data:`ENDINGS`).
+The sidecar reports what it applied under its lock after releasing it, from the values
+taken there (``_heartbeat.Settled``), since receivers of the signals are user code.
+
+The counters are blocks of 64-bit integers, one per writing process: in a prefork worker
+the main process writes one and each pool slot's child another (its task's own
+extensions), all in memory shared before the fork, and :meth:`Counters.stats` adds them
+up. No lock crosses a process; within one, a thread lock guards the block it writes.
 """
 
 from __future__ import annotations
@@ -11,18 +16,15 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import signals
 from ._errors import Failure, describe_denied
-from ._heartbeat import Ended, Heartbeat
-from ._send import Outcome
+from ._heartbeat import Ended, Heartbeat, Settled
 
 logger = logging.getLogger("celery_sqs_heartbeat")
-
-_FAILURES = tuple(Failure)
 
 
 @dataclass(frozen=True)
@@ -42,78 +44,102 @@ class Stats:
     messages_lost: int = 0
 
 
-class _Counts(ctypes.Structure):
-    """The counters in memory shared with prefork pool children."""
-
-    _fields_ = [
-        ("started", ctypes.c_int64),
-        ("stopped", ctypes.c_int64),
-        ("beats_sent", ctypes.c_int64),
-        ("late_beats", ctypes.c_int64),
-        ("messages_lost", ctypes.c_int64),
-        ("failures", ctypes.c_int64 * len(_FAILURES)),
-    ]
+#: The counters of a block, in order, each a field of :class:`Stats`; the failures by
+#: class follow them.
+FIELDS = ("started", "stopped", "beats_sent", "late_beats", "messages_lost")
+STARTED, STOPPED, BEATS_SENT, LATE_BEATS, MESSAGES_LOST = range(len(FIELDS))
+_FAILURE_INDEX = {f: len(FIELDS) + i for i, f in enumerate(Failure)}
+_BLOCK = ctypes.c_int64 * (len(FIELDS) + len(Failure))
+#: Bytes of one block, in memory shared with pool children.
+BLOCK_SIZE = ctypes.sizeof(_BLOCK)
 
 
-class _PrivateCounts:
-    """The same counters as plain ints, where nothing is shared: a ctypes field costs
-    several times more, and ``started``/``stopped`` are counted for every message."""
-
-    __slots__ = ("beats_sent", "failures", "late_beats", "messages_lost", "started", "stopped")
-
-    def __init__(self) -> None:
-        self.started = self.stopped = self.beats_sent = self.late_beats = 0
-        self.messages_lost = 0
-        self.failures = [0] * len(_FAILURES)
-
-
-#: Bytes the counters take in a buffer shared with pool children.
-COUNTS_SIZE = ctypes.sizeof(_Counts)
+def shared_block(buffer: Any) -> Any:
+    """A block of counters in *buffer* (``BLOCK_SIZE`` bytes of a shared mapping)."""
+    return _BLOCK.from_buffer(buffer)
 
 
 class Counters:
-    """The worker's counters, in *buffer* (shared with pool children) or private memory.
+    """The block this process writes, and the blocks of other processes it reads.
 
-    *lock* must be process-shared when the buffer is; every change is a few stores under it.
+    ``started`` and ``stopped`` are counted by the sidecar, under its own lock, as it adds
+    heartbeats to its registry and drops them (once per message: no second lock on the
+    per-task path); the others by :class:`Reporter`, under the lock here.
     """
 
-    def __init__(self, buffer: Any = None, lock: Any = None) -> None:
-        self._counts: Any = _PrivateCounts() if buffer is None else _Counts.from_buffer(buffer)
-        self._lock = lock if lock is not None else threading.Lock()
+    def __init__(self, own: Any = None, others: Sequence[Any] = ()) -> None:
+        #: This process's block; a plain list where nothing is shared (cheaper than a
+        #: ctypes field).
+        self.own = own if own is not None else [0] * len(_BLOCK())
+        self._others = others
+        self._lock = threading.Lock()
 
-    def started(self) -> None:
+    def add(self, index: int) -> None:
         with self._lock:
-            self._counts.started += 1
-
-    def stopped(self, lost: bool) -> None:
-        with self._lock:
-            self._counts.stopped += 1
-            if lost:
-                self._counts.messages_lost += 1
-
-    def sent(self, late: bool) -> None:
-        with self._lock:
-            self._counts.beats_sent += 1
-            if late:
-                self._counts.late_beats += 1
+            self.own[index] += 1
 
     def failed(self, failure: Failure) -> None:
-        with self._lock:
-            self._counts.failures[_FAILURES.index(failure)] += 1
+        self.add(_FAILURE_INDEX[failure])
 
     def stats(self) -> Stats:
-        with self._lock:
-            c = self._counts
-            failures = {f.value: n for f, n in zip(_FAILURES, c.failures, strict=True) if n}
-            return Stats(
-                active=c.started - c.stopped,
-                started=c.started,
-                stopped=c.stopped,
-                beats_sent=c.beats_sent,
-                late_beats=c.late_beats,
-                failures=failures,
-                messages_lost=c.messages_lost,
-            )
+        totals = [sum(column) for column in zip(self.own, *self._others, strict=True)]
+        failures = {f.value: totals[i] for f, i in _FAILURE_INDEX.items() if totals[i]}
+        counts = dict(zip(FIELDS, totals, strict=False))
+        return Stats(active=counts["started"] - counts["stopped"], failures=failures, **counts)
+
+
+class Ending(NamedTuple):
+    """What the end of a heartbeat for one reason means to people."""
+
+    #: Whether the message may now run again elsewhere (counted as lost).
+    lost: bool
+    #: Logged at this level, once per heartbeat (None: the normal end of a message).
+    level: int | None = None
+    message: str = ""
+
+
+#: Every reason a heartbeat ends, with what it counts and logs. The messages are
+#: formatted with ``task``, ``queue``, ``detail``, ``beats`` and ``window``.
+ENDINGS: dict[Ended, Ending] = {
+    Ended.TASK_ENDED: Ending(lost=False),
+    Ended.SETTLED: Ending(lost=False),
+    Ended.GONE: Ending(
+        True,
+        logging.WARNING,
+        "Heartbeat of task %(task)s stopped: its message is no longer in flight on "
+        "%(queue)s (%(detail)s); it was deleted or delivered again, so the task may run "
+        "twice.",
+    ),
+    # Logged once per queue, with the IAM statement to grant (see Reporter.ended).
+    Ended.DENIED: Ending(
+        True,
+        logging.ERROR,
+        "Heartbeat of task %(task)s stopped: %(denied)s (%(detail)s). Its message will be "
+        "visible again when its current visibility runs out.",
+    ),
+    Ended.LOST: Ending(
+        True,
+        logging.WARNING,
+        "Heartbeat of task %(task)s stopped: SQS did not answer (%(detail)s) before the "
+        "message's visibility ran out; it may be delivered to another worker.",
+    ),
+    Ended.LIMIT: Ending(
+        True,
+        logging.WARNING,
+        "Heartbeat of task %(task)s stopped after %(beats)d beats: SQS keeps a message "
+        "hidden at most 12 hours from receipt; it will be delivered again.",
+    ),
+    Ended.MAX_DURATION: Ending(
+        False,
+        logging.WARNING,
+        "Heartbeat of task %(task)s stopped after %(beats)d beats: "
+        "sqs_heartbeat_max_duration reached; its message will be visible again within "
+        "%(window)d s.",
+    ),
+}
+
+
+_NORMAL = ENDINGS[Ended.TASK_ENDED]
 
 
 def _common(hb: Heartbeat) -> dict[str, Any]:
@@ -126,7 +152,7 @@ def _common(hb: Heartbeat) -> dict[str, Any]:
 
 
 class Reporter:
-    """Logs, signals and counts the heartbeat's events."""
+    """Counts, signals and logs the heartbeat's events."""
 
     def __init__(self, counters: Counters, *, region: Callable[[], str | None]) -> None:
         self.counters = counters
@@ -134,90 +160,70 @@ class Reporter:
         self._denied_queues: set[str] = set()
 
     def started(self, hb: Heartbeat) -> None:
-        self.counters.started()
         if signals.heartbeat_started.receivers:
             signals.heartbeat_started.send(
                 sender=None,
-                interval=hb.interval,
-                visibility_timeout=hb.visibility_timeout,
+                interval=hb.options.interval,
+                visibility_timeout=hb.options.visibility_timeout,
                 **_common(hb),
             )
 
-    def beat(
-        self,
-        hb: Heartbeat,
-        *,
-        asked: int,
-        failure: Failure | None,
-        detail: str,
-        error: BaseException | None,
-        lateness: float,
-        retry_in: float | None,
-        manual: bool = False,
-        moot: bool = False,
-    ) -> None:
-        """Report one entry of a request SQS answered, or failed to. *moot*: the
-        heartbeat had already ended (its task ended while the call was in flight), so
-        only what SQS took counts. A failure that ends the heartbeat is then reported
-        by :meth:`ended`."""
+    def settled(self, s: Settled) -> None:
+        """Report one entry of a call SQS answered, or failed to."""
+        failure = s.answer.failure
         if failure is None:
-            self._sent(hb, asked, lateness, manual)
+            self._sent(s)
             return
-        if moot:
+        if s.moot:
             return
         self.counters.failed(failure)
+        hb = s.hb
         if signals.beat_failed.receivers:
             signals.beat_failed.send(
-                sender=None, failure=failure.value, detail=detail, retry_in=retry_in, **_common(hb)
+                sender=None,
+                failure=failure.value,
+                detail=s.answer.detail,
+                retry_in=s.retry_in,
+                **_common(hb),
             )
-        if hb.ended is not None:
-            return
-        if manual:
+        unknown = failure is Failure.UNKNOWN
+        if s.ended:
+            return  # said by ended()
+        if s.manual:
             logger.warning(
                 "Extension of task %s[%s]'s message by %d s failed (%s: %s); its regular "
                 "beats go on.",
                 hb.task_name,
                 hb.task_id,
-                asked,
+                s.asked,
                 failure.value,
-                detail,
-                exc_info=error if failure is Failure.UNKNOWN else None,
+                s.answer.detail,
+                exc_info=s.answer.error if unknown else None,
             )
-        elif hb.failures == 1 or failure is Failure.UNKNOWN:
-            unknown = failure is Failure.UNKNOWN
+        elif s.failures == 1 or unknown:
             (logger.error if unknown else logger.warning)(
                 "Heartbeat of task %s[%s] failed (%s: %s); retrying in %.2f s while its "
                 "message stays hidden.",
                 hb.task_name,
                 hb.task_id,
                 failure.value,
-                detail,
-                retry_in or 0.0,
-                exc_info=error if unknown and hb.failures == 1 else None,
+                s.answer.detail,
+                s.retry_in or 0.0,
+                exc_info=s.answer.error if unknown and s.failures == 1 else None,
             )
 
-    def extension(self, hb: Heartbeat, asked: int, outcome: Outcome) -> None:
-        """Report a manual extension the task sent (from the task's thread)."""
-        self.beat(
-            hb,
-            asked=asked,
-            failure=outcome.failures[0],
-            detail=outcome.details[0],
-            error=outcome.error,
-            lateness=0.0,
-            retry_in=None,
-            manual=True,
-        )
-
-    def _sent(self, hb: Heartbeat, asked: int, lateness: float, manual: bool) -> None:
-        late = not manual and lateness > (hb.visibility_timeout - hb.interval) / 2
-        self.counters.sent(late)
+    def _sent(self, s: Settled) -> None:
+        hb, options = s.hb, s.hb.options
+        late = not s.manual and s.lateness > (options.visibility_timeout - options.interval) / 2
+        self.counters.add(BEATS_SENT)
+        if late:
+            self.counters.add(LATE_BEATS)
         if signals.beat_sent.receivers:
             signals.beat_sent.send(
                 sender=None,
-                beats=hb.beats,
-                visibility_timeout=asked,
-                lateness=lateness,
+                beats=s.beats,
+                visibility_timeout=s.asked,
+                lateness=s.lateness,
                 **_common(hb),
             )
         if late:
@@ -226,74 +232,54 @@ class Reporter:
                 "hidden, but with less margin than configured.",
                 hb.task_name,
                 hb.task_id,
-                lateness,
+                s.lateness,
                 hb.queue_url,
             )
         elif logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "Heartbeat %d of task %s[%s]: message hidden for %d s more on %s "
                 "(%.3f s after its due time).",
-                hb.beats,
+                s.beats,
                 hb.task_name,
                 hb.task_id,
-                asked,
+                s.asked,
                 hb.queue_url,
-                lateness,
+                s.lateness,
             )
 
-    def ended(self, hb: Heartbeat, detail: str = "") -> None:
-        """A heartbeat ended: count it, tell receivers, and say why once if it is not
-        the normal end of its message."""
+    def ended(self, hb: Heartbeat, beats: int, detail: str = "") -> None:
+        """A heartbeat ended (``hb.ended`` says why; the sidecar counted it): tell
+        receivers, and say why once if that is not the normal end of its message."""
         reason = hb.ended
         assert reason is not None
-        lost = reason.lost
-        self.counters.stopped(lost)
-        if lost and signals.message_lost.receivers:
-            signals.message_lost.send(sender=None, reason=reason.value, **_common(hb))
+        # The normal end of a message, first: the per-task path (no enum hashing).
+        normal = reason is Ended.TASK_ENDED or reason is Ended.SETTLED
+        ending = ENDINGS[reason] if not normal else _NORMAL
+        if ending.lost:
+            self.counters.add(MESSAGES_LOST)
+            if signals.message_lost.receivers:
+                signals.message_lost.send(sender=None, reason=reason.value, **_common(hb))
         if signals.heartbeat_stopped.receivers:
             signals.heartbeat_stopped.send(
-                sender=None, reason=reason.value, beats=hb.beats, **_common(hb)
+                sender=None, reason=reason.value, beats=beats, **_common(hb)
             )
-        if not lost and reason is not Ended.MAX_DURATION:
-            return  # the normal end of a message
-        task = f"{hb.task_name}[{hb.task_id}]"
+        if ending.level is None:
+            return
         if reason is Ended.DENIED:
-            if hb.queue_url not in self._denied_queues:
-                self._denied_queues.add(hb.queue_url)
-                logger.error(
-                    "Heartbeat of task %s stopped: %s (%s). Its message will be visible "
-                    "again when its current visibility runs out.",
-                    task,
-                    describe_denied(hb.queue_url, self._region()),
-                    detail,
-                )
-        elif reason is Ended.GONE:
-            logger.warning(
-                "Heartbeat of task %s stopped: its message is no longer in flight on %s "
-                "(%s); it was deleted or delivered again, so the task may run twice.",
-                task,
-                hb.queue_url,
-                detail,
-            )
-        elif reason is Ended.LOST:
-            logger.warning(
-                "Heartbeat of task %s stopped: SQS did not answer (%s) before the message's "
-                "visibility ran out; it may be delivered to another worker.",
-                task,
-                detail,
-            )
-        elif reason is Ended.LIMIT:
-            logger.warning(
-                "Heartbeat of task %s stopped after %d beats: SQS keeps a message hidden "
-                "at most 12 hours from receipt; it will be delivered again.",
-                task,
-                hb.beats,
-            )
-        elif reason is Ended.MAX_DURATION:
-            logger.warning(
-                "Heartbeat of task %s stopped after %d beats: sqs_heartbeat_max_duration "
-                "reached; its message will be visible again within %d s.",
-                task,
-                hb.beats,
-                hb.visibility_timeout,
-            )
+            if hb.queue_url in self._denied_queues:
+                return
+            self._denied_queues.add(hb.queue_url)
+        logger.log(
+            ending.level,
+            ending.message,
+            {
+                "task": f"{hb.task_name}[{hb.task_id}]",
+                "queue": hb.queue_url,
+                "detail": detail,
+                "beats": beats,
+                "window": hb.options.visibility_timeout,
+                "denied": describe_denied(hb.queue_url, self._region())
+                if reason is Ended.DENIED
+                else "",
+            },
+        )

@@ -3,7 +3,7 @@
 A request of several entries is one ``ChangeMessageVisibilityBatch``. An endpoint that
 does not implement that action (some SQS emulators) is remembered, said once at INFO,
 and sent single ``ChangeMessageVisibility`` calls from then on. Nothing here raises:
-each entry comes back accepted (None) or with its :class:`~._errors.Failure`.
+each entry comes back with its own :class:`Answer`.
 """
 
 from __future__ import annotations
@@ -26,13 +26,18 @@ ClientSource = Callable[[str], Any]
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
-    """Per entry: None when SQS accepted it, else its failure class, with a detail."""
+class Answer:
+    """What SQS said of one entry: accepted (no failure), or its failure class."""
 
-    failures: list[Failure | None]
-    details: list[str]
+    failure: Failure | None = None
+    #: The error's code and message, for logs and signals.
+    detail: str = ""
     #: The exception behind a failure, for a traceback where it is unexpected.
     error: BaseException | None = None
+
+
+#: The answer to an entry SQS accepted.
+ACCEPTED = Answer()
 
 
 class Sender:
@@ -44,8 +49,9 @@ class Sender:
         #: Endpoints that answered the batch action with "unsupported".
         self._no_batch: set[str] = set()
 
-    def send(self, queue_url: str, entries: Sequence[tuple[str, int]]) -> Outcome:
-        """Ask SQS to keep each (receipt handle, seconds) of *queue_url* hidden."""
+    def send(self, queue_url: str, entries: Sequence[tuple[str, int]]) -> list[Answer]:
+        """Ask SQS to keep each (receipt handle, seconds) of *queue_url* hidden; one
+        answer per entry, in order."""
         try:
             client = self._clients(queue_url)
         except Exception as exc:
@@ -67,25 +73,20 @@ class Sender:
                         endpoint or "the SQS endpoint",
                         describe(exc),
                     )
-        outcomes = [_single(client, queue_url, handle, seconds) for handle, seconds in entries]
-        return Outcome(
-            [o.failures[0] for o in outcomes],
-            [o.details[0] for o in outcomes],
-            next((o.error for o in outcomes if o.error is not None), None),
-        )
+        return [_single(client, queue_url, handle, seconds) for handle, seconds in entries]
 
 
-def _single(client: Any, queue_url: str, receipt_handle: str, seconds: int) -> Outcome:
+def _single(client: Any, queue_url: str, receipt_handle: str, seconds: int) -> Answer:
     try:
         client.change_message_visibility(
             QueueUrl=queue_url, ReceiptHandle=receipt_handle, VisibilityTimeout=seconds
         )
     except Exception as exc:
-        return _failed(exc, 1)
-    return Outcome([None], [""])
+        return _failed(exc, 1)[0]
+    return ACCEPTED
 
 
-def _batch(client: Any, queue_url: str, entries: Sequence[tuple[str, int]]) -> Outcome:
+def _batch(client: Any, queue_url: str, entries: Sequence[tuple[str, int]]) -> list[Answer]:
     response = client.change_message_visibility_batch(
         QueueUrl=queue_url,
         Entries=[
@@ -95,11 +96,13 @@ def _batch(client: Any, queue_url: str, entries: Sequence[tuple[str, int]]) -> O
     )
     failed = {f.get("Id"): f for f in response.get("Failed", ())}
     found = [failed.get(str(i)) for i in range(len(entries))]
-    return Outcome(
-        [None if f is None else classify_batch_entry(f) for f in found],
-        ["" if f is None else f"{f.get('Code')}: {f.get('Message', '')}" for f in found],
-    )
+    return [
+        ACCEPTED
+        if f is None
+        else Answer(classify_batch_entry(f), f"{f.get('Code')}: {f.get('Message', '')}")
+        for f in found
+    ]
 
 
-def _failed(exc: BaseException, n: int) -> Outcome:
-    return Outcome([classify_exception(exc)] * n, [describe(exc)] * n, exc)
+def _failed(exc: BaseException, n: int) -> list[Answer]:
+    return [Answer(classify_exception(exc), describe(exc), exc)] * n

@@ -1,14 +1,25 @@
-"""The one background thread per worker that beats every message the worker holds.
+"""The one background loop per worker that beats every message the worker holds.
 
 It lives in the worker's main process, which receives every message: a task stuck in a
-pool child (even in a C call that never lets go of the GIL) cannot starve it. Celery's
-side only touches a dict under a lock (:meth:`Sidecar.add`, :meth:`Sidecar.stop`).
+pool child (even in a C call that never lets go of the GIL) cannot starve it. Every
+:class:`~._heartbeat.Heartbeat` is the sidecar's: only its methods change one, and only
+under its lock, which is held for a few stores and never across I/O, a receiver of
+our signals, or another process's lock.
 
-The loop, top to bottom: find the heartbeats that are due (and end those whose message
-Celery settled), group their beats per queue into requests of up to ten, hand each
-request to an executor thread, then sleep until the next beat is due or someone wakes
-it. The executor's threads make the calls and settle the results, so a stalled call
-holds up no other heartbeat. SQS errors are classified (``_errors``) and reported
+One turn of the loop, top to bottom (:meth:`Sidecar.turn`):
+
+1. Under the lock, copy the registry.
+2. Without it, sort the copy: messages Celery settled, beats due, beats due soon that
+   can fill a request; read the prefork slots of the due ones (``_slots``).
+3. Under the lock, apply all that: end what ended, follow what a task set through its
+   slot, take each beat to send (marking it in flight), grouped per queue into requests
+   of up to ten.
+4. Without it, report what ended, hand each request to an executor thread, and sleep
+   until the earliest beat is due, or until something due sooner wakes the loop.
+
+The executor's threads send the requests and settle the answers (:meth:`Sidecar._settle`,
+the one path for regular beats and a task's own extensions), so a stalled call holds
+up no other heartbeat. SQS errors are classified (``_errors``) and reported
 (``_report``); none ever reaches a task.
 
 ``stop`` is final: once it returns no beat for that message is sent. A call already in
@@ -26,11 +37,12 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-from ._heartbeat import RIDE_FRACTION, STOP_WAIT, Ended, Heartbeat, State
-from ._report import Reporter, Stats
-from ._send import MAX_BATCH, Sender
+from ._heartbeat import RIDE_FRACTION, STOP_WAIT, Ended, Heartbeat, Settled, allowed
+from ._report import STARTED, STOPPED, Reporter, Stats
+from ._send import MAX_BATCH, Answer, Sender
+from ._slots import SlotView, key_of
 
 __all__ = ["STOP_WAIT", "Fence", "Sidecar"]
 
@@ -49,17 +61,30 @@ LOOP_ERROR_PAUSE = 1.0
 #: regular beat in flight, so the two never race.
 EXTEND_WAIT_MARGIN = 1.0
 
-#: One request: its queue, and (heartbeat, visibility asked) per entry.
-_Request = tuple[str, list[tuple[Heartbeat, int]]]
-
 
 class Fence(Protocol):
-    """Where tasks run in other processes (prefork), what they say about a message:
-    see ``_slots.Slots``."""
+    """The main process's side of the prefork channel (``_slots.Slots``)."""
 
-    def begin(self, hb: Heartbeat, until: float) -> bool: ...
+    def begin(self, key: int, index: int | None) -> SlotView | None: ...
 
-    def finish(self, hb: Heartbeat) -> None: ...
+    def finish(self, index: int) -> None: ...
+
+
+class _Beat(NamedTuple):
+    """One entry of a request: the visibility asked, and the slot that counts it in
+    flight (None: its task does not run in a pool child)."""
+
+    hb: Heartbeat
+    asked: int
+    slot: int | None
+
+
+class _Turn(NamedTuple):
+    """What one look at the registry found, without the lock."""
+
+    settled: list[Heartbeat]
+    #: (heartbeat, latest due time to send it now): the due beats, then the riders.
+    candidates: list[tuple[Heartbeat, float]]
 
 
 class Sidecar:
@@ -78,6 +103,8 @@ class Sidecar:
     ) -> None:
         self._sender = sender
         self._report = reporter
+        #: The counters' block this sidecar writes ``started`` and ``stopped`` to.
+        self._counts = reporter.counters.own
         self._call_timeout = call_timeout
         self._fence = fence
         self._clock = clock
@@ -85,16 +112,16 @@ class Sidecar:
         #: Every heartbeat not yet ended, by receipt handle.
         self._beats: dict[str, Heartbeat] = {}
         self._lock = threading.Lock()
-        #: Wakes the loop: a heartbeat due sooner than it planned, or shutdown.
-        self._wake = threading.Condition(self._lock)
         #: Wakes the callers waiting for a call in flight (stop, extend).
         self._settled = threading.Condition(self._lock)
-        #: When the sleeping loop wakes by itself; -inf while it is awake.
-        self._wake_at = -math.inf
+        #: Wakes the sleeping loop: a beat due sooner than it planned, or shutdown.
+        self._wake = threading.Event()
+        #: When the sleeping loop wakes by itself; infinity while it turns, so that
+        #: anything due meanwhile wakes the next turn.
+        self._wake_at = math.inf
         #: The shortest interval of any heartbeat so far: the loop wakes at least this
-        #: often, even with nothing due, so that a new message (whose first beat is an
-        #: interval away) never has to wake it: a wake-up costs Celery's thread a GIL
-        #: hand-off.
+        #: often, so a new message (whose first beat is an interval away) never has to
+        #: wake it; a wake-up would cost Celery's thread a GIL hand-off.
         self._shortest = math.inf
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -102,7 +129,7 @@ class Sidecar:
             MAX_CALLS, thread_name_prefix=f"{THREAD_NAME}-send"
         )
 
-    # -- Celery's side: microseconds, no I/O ----------------------------------------------
+    # -- Celery's side: a dict under the lock, no I/O ------------------------------------
 
     def add(self, hb: Heartbeat) -> bool:
         """Begin beating *hb*'s message; False if it already has a heartbeat."""
@@ -110,8 +137,10 @@ class Sidecar:
             if hb.receipt_handle in self._beats:
                 return False
             self._beats[hb.receipt_handle] = hb
-            self._shortest = min(self._shortest, hb.interval)
-            self._note_due(hb)
+            self._counts[STARTED] += 1
+            if hb.options.interval < self._shortest:
+                self._shortest = hb.options.interval
+                self._wake.set()
         self._report.started(hb)
         return True
 
@@ -119,73 +148,64 @@ class Sidecar:
         with self._lock:
             return self._beats.get(receipt_handle)
 
-    def run(self, receipt_handle: str) -> Heartbeat | None:
-        """Its task started in this process; None if the message has no heartbeat."""
+    def run(self, receipt_handle: str) -> bool:
+        """Its task started in this process; False if the message has no heartbeat."""
         with self._lock:
             hb = self._beats.get(receipt_handle)
-            if hb is not None:
-                hb.run(self._clock())
-            return hb
+            if hb is None:
+                return False
+            if hb.started is None:
+                hb.started = self._clock()
+            return True
 
-    def stop(self, receipt_handle: str, reason: Ended = Ended.TASK_ENDED) -> Heartbeat | None:
+    def stop(self, receipt_handle: str, reason: Ended = Ended.TASK_ENDED) -> bool:
         """End the heartbeat of a message; once this returns no beat for it is sent."""
         with self._lock:
             hb = self._beats.pop(receipt_handle, None)
             if hb is None:
-                return None
+                return False
+            self._counts[STOPPED] += 1
             hb.end(reason)
             if hb.in_flight:
                 self._wait_in_flight(hb, STOP_WAIT)
-        self._report.ended(hb)
-        return hb
+            beats = hb.beats
+        self._report.ended(hb, beats)
+        return True
 
-    # -- manual control, from the task's thread ---------------------------------------------
+    # -- manual control, from the task's thread ---------------------------------------
 
-    def extend(self, receipt_handle: str, seconds: int) -> bool:
-        """Ask SQS now, from the caller's thread, to keep a message hidden *seconds* more.
-
-        True when SQS accepted it. Never raises for an SQS error: it is classified and
-        reported like a failed beat, and a final one (gone, denied) ends the heartbeat.
-        """
+    def extend(self, hb: Heartbeat, seconds: int) -> bool:
+        """Ask SQS now, from the caller's thread, to keep *hb*'s message hidden *seconds*
+        more (cut to SQS's 12-hour limit); True when SQS accepted it."""
         with self._lock:
-            hb = self._beats.get(receipt_handle)
-            if hb is None:
+            if self._beats.get(hb.receipt_handle) is not hb:
                 return False
             if hb.in_flight:
                 self._wait_in_flight(hb, 2 * self._call_timeout + EXTEND_WAIT_MARGIN)
             sent = self._clock()
-            asked = min(seconds, math.floor(hb.limit_at - sent))
-            if hb.state is State.ENDED or asked < 1:
+            asked = allowed(seconds, sent, hb.received)
+            if hb.ended is not None or isinstance(asked, Ended):
                 return False
             hb.in_flight = True
-        outcome = self._sender.send(hb.queue_url, [(receipt_handle, asked)])
-        failure = outcome.failures[0]
+        answer = self._sender.send(hb.queue_url, [(hb.receipt_handle, asked)])[0]
         with self._lock:
-            hb.in_flight = False
-            if failure is None:
-                hb.extended(sent, asked)
-            else:
-                hb.extension_failed(failure)
-            ended = self._forget_if_ended(hb)
-            self._settled.notify_all()
-            self._note_due(hb)
-        self._report.extension(hb, asked, outcome)
-        if ended:
-            self._report.ended(hb, outcome.details[0])
-        return failure is None
+            settled = self._settle(hb, sent, asked, answer, self._clock(), manual=True)
+        self._tell(settled)
+        return answer.failure is None
 
-    def reconfigure(self, receipt_handle: str, interval: float, visibility_timeout: int) -> bool:
-        """Change a heartbeat's interval and window from its next beat on."""
+    def reconfigure(self, hb: Heartbeat, interval: float, visibility_timeout: int) -> bool:
+        """Change *hb*'s interval and window from its next beat on."""
         with self._lock:
-            hb = self._beats.get(receipt_handle)
-            if hb is None:
+            if self._beats.get(hb.receipt_handle) is not hb:
                 return False
             hb.reconfigure(interval, visibility_timeout)
             self._note_due(hb)
             return True
 
+    # -- under the lock -----------------------------------------------------------------
+
     def _wait_in_flight(self, hb: Heartbeat, waited: float) -> None:
-        """Wait up to *waited* s for the call in flight for *hb*; holds the lock."""
+        """Wait up to *waited* s for the call in flight for *hb* (releasing the lock)."""
         deadline = self._clock() + waited
         while hb.in_flight:
             left = deadline - self._clock()
@@ -197,22 +217,40 @@ class Sidecar:
                     hb.task_name,
                     hb.task_id,
                     waited,
-                    hb.visibility_timeout,
+                    hb.options.visibility_timeout,
                 )
                 return
             self._settled.wait(left)
 
     def _note_due(self, hb: Heartbeat) -> None:
-        """Wake the loop if *hb* is due before it planned to wake; holds the lock."""
-        if hb.state is not State.ENDED and hb.next_due < self._wake_at:
-            self._wake.notify()
+        """Wake the loop if *hb* is due before it planned to wake."""
+        if hb.ended is None and hb.next_due < self._wake_at:
+            self._wake.set()
 
-    def _forget_if_ended(self, hb: Heartbeat) -> bool:
-        """Drop an ended heartbeat from the registry; True if this call dropped it."""
-        if hb.state is State.ENDED and self._beats.get(hb.receipt_handle) is hb:
-            del self._beats[hb.receipt_handle]
-            return True
-        return False
+    def _drop(self, hb: Heartbeat) -> bool:
+        """Drop *hb* from the registry; False if it was no longer there."""
+        if self._beats.get(hb.receipt_handle) is not hb:
+            return False
+        del self._beats[hb.receipt_handle]
+        self._counts[STOPPED] += 1
+        return True
+
+    def _settle(
+        self, hb: Heartbeat, sent: float, asked: int, answer: Answer, now: float, *, manual: bool
+    ) -> Settled:
+        """Apply SQS's answer to a call for *hb*: the one path for beats and extensions."""
+        settled = hb.settle(sent, asked, answer, now, self._jitter(), manual=manual)
+        if settled.ended:
+            self._drop(hb)
+        self._note_due(hb)
+        self._settled.notify_all()
+        return settled
+
+    def _tell(self, settled: Settled) -> None:
+        """Report an applied answer (without the lock: receivers are user code)."""
+        self._report.settled(settled)
+        if settled.ended:
+            self._report.ended(settled.hb, settled.beats, settled.answer.detail)
 
     def stats(self) -> Stats:
         return self._report.counters.stats()
@@ -221,7 +259,7 @@ class Sidecar:
         with self._lock:
             return len(self._beats)
 
-    # -- lifecycle --------------------------------------------------------------------------
+    # -- lifecycle ----------------------------------------------------------------------
 
     def run_in_background(self) -> None:
         """Start the thread. Calling it again is an error: one thread per sidecar."""
@@ -237,14 +275,13 @@ class Sidecar:
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop the threads; heartbeats still registered simply stop beating."""
         self._stopping.set()
-        with self._lock:
-            self._wake.notify()
+        self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    # -- the loop ---------------------------------------------------------------------------
+    # -- the loop -----------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -255,121 +292,159 @@ class Sidecar:
                 self._stopping.wait(LOOP_ERROR_PAUSE)
 
     def turn(self, *, wait: bool = True) -> float:
-        """One turn of the loop: end what Celery settled, send what is due, else sleep
-        until the next beat is due (*wait*) or someone wakes the loop.
+        """One turn of the loop (see the module's docstring).
 
         Returns when the next beat is due (infinity: none), or -infinity when this turn
-        sent or ended something (the next turn then looks again at once).
+        sent or ended something (the next turn then looks again at once). With *wait*,
+        a turn that did neither sleeps until then, or until the loop is woken.
         """
+        now = self._clock()  # before the copy: a message added after it is due later
         with self._lock:
-            now = self._clock()
-            ended: list[Heartbeat] = []
-            due: list[Heartbeat] = []
-            soon: list[Heartbeat] = []
-            wake = math.inf
-            for hb in self._beats.values():
-                if hb.in_flight:
-                    continue
-                if hb.is_settled is not None and hb.is_settled():
-                    hb.end(Ended.SETTLED)
-                    ended.append(hb)
-                elif hb.next_due <= now:
-                    due.append(hb)
-                else:
-                    wake = min(wake, hb.next_due)
-                    if not hb.first and hb.next_due <= now + RIDE_FRACTION * hb.interval:
-                        soon.append(hb)
-            requests = self._plan(due, soon, now, ended)
-            for hb in ended:
-                self._forget_if_ended(hb)
-            for hb in due:  # put off by its task (a manual extension, another pace)
-                if not hb.in_flight and hb.state is not State.ENDED:
-                    wake = min(wake, hb.next_due)
-            if not requests and not ended:
-                wake = min(wake, now + self._shortest)
-                if wait and not self._stopping.is_set():
-                    self._wake_at = wake
-                    self._wake.wait(None if wake == math.inf else wake - now)
-                    self._wake_at = -math.inf
-                return wake
+            self._wake_at = math.inf
+            beats = list(self._beats.values())
+            shortest = self._shortest
+        found = self._look(beats, now)
+        views = self._read_slots(found.candidates)
+        unfence: list[int] = []
+        with self._lock:
+            ended = [hb for hb in found.settled if self._drop(hb) and hb.end(Ended.SETTLED)]
+            requests = self._take(found.candidates, views, now, ended, unfence)
+        for index in unfence:
+            self._finish(index)
         for hb in ended:
-            self._report.ended(hb)
-        for queue_url, entries in requests:
-            self._executor.submit(self._deliver, queue_url, entries, now)
-        return -math.inf
+            self._report.ended(hb, hb.beats)
+        for queue_url, entries in requests.items():
+            for i in range(0, len(entries), MAX_BATCH):
+                self._executor.submit(self._deliver, queue_url, entries[i : i + MAX_BATCH], now)
+        if requests or ended:
+            return -math.inf
+        wake = min(now + shortest, _earliest(beats))
+        if wait and not self._stopping.is_set():
+            with self._lock:
+                self._wake_at = wake
+            self._wake.wait(None if wake == math.inf else max(0.0, wake - self._clock()))
+            self._wake.clear()
+        return wake
 
-    def _plan(
-        self, due: list[Heartbeat], soon: list[Heartbeat], now: float, ended: list[Heartbeat]
-    ) -> list[_Request]:
-        """Group the beats to send now into requests of up to ten, per queue.
+    def _look(self, beats: list[Heartbeat], now: float) -> _Turn:
+        """Sort a copy of the registry, without the lock: what Celery settled, what is
+        due, and what is due soon enough to take a free place in a request."""
+        settled: list[Heartbeat] = []
+        due: list[Heartbeat] = []
+        soon: list[Heartbeat] = []
+        for hb in beats:
+            if hb.in_flight or hb.ended is not None:
+                continue
+            if hb.is_settled is not None and hb.is_settled():
+                settled.append(hb)
+            elif hb.next_due <= now:
+                due.append(hb)
+            elif not hb.first and hb.next_due <= now + RIDE_FRACTION * hb.options.interval:
+                soon.append(hb)
+        candidates = [(hb, now) for hb in sorted(due, key=_next_due)]
+        free: dict[str, int] = {}
+        for hb, _ in candidates:
+            free[hb.queue_url] = (free.get(hb.queue_url, 0) - 1) % MAX_BATCH
+        for hb in sorted(soon, key=_next_due):
+            if free.get(hb.queue_url):
+                free[hb.queue_url] -= 1
+                candidates.append((hb, now + RIDE_FRACTION * hb.options.interval))
+        return _Turn(settled, candidates)
 
-        Every due beat goes; a request with free places also takes beats of its queue
-        that are due soon. Marks each beat in flight, and adds to *ended* what ended
-        instead (limits reached, task ended in its pool process).
-        """
-        by_queue: dict[str, list[tuple[Heartbeat, int]]] = {}
-        for hb in sorted(due, key=lambda h: h.next_due):
-            self._take(hb, now, now, by_queue, ended)
-        for hb in sorted(soon, key=lambda h: h.next_due):
-            entries = by_queue.get(hb.queue_url)
-            if entries and len(entries) % MAX_BATCH:
-                self._take(hb, now, now + RIDE_FRACTION * hb.interval, by_queue, ended)
-        return [
-            (queue_url, entries[i : i + MAX_BATCH])
-            for queue_url, entries in by_queue.items()
-            for i in range(0, len(entries), MAX_BATCH)
-        ]
+    def _read_slots(self, candidates: list[tuple[Heartbeat, float]]) -> dict[Heartbeat, SlotView]:
+        """What the prefork slots say of the candidates' tasks, without the lock; each
+        running task's slot counts its beat in flight from here."""
+        if self._fence is None:
+            return {}
+        views = {}
+        for hb, _ in candidates:
+            view = self._fence.begin(key_of(hb.receipt_handle), hb.slot)
+            if view is not None:
+                views[hb] = view
+        return views
 
     def _take(
         self,
-        hb: Heartbeat,
+        candidates: list[tuple[Heartbeat, float]],
+        views: dict[Heartbeat, SlotView],
         now: float,
-        until: float,
-        by_queue: dict[str, list[tuple[Heartbeat, int]]],
         ended: list[Heartbeat],
-    ) -> None:
-        fence = self._fence
-        if fence is not None and not fence.begin(hb, until):
-            if hb.state is State.ENDED:
-                ended.append(hb)
-            return
-        asked = hb.plan(now)
-        if asked is None:
-            if fence is not None:
-                fence.finish(hb)
-            ended.append(hb)
-            return
-        hb.in_flight = True
-        by_queue.setdefault(hb.queue_url, []).append((hb, asked))
+        unfence: list[int],
+    ) -> dict[str, list[_Beat]]:
+        """Under the lock: the beats to send now, per queue, each marked in flight.
+        Adds to *ended* what ended instead, and to *unfence* the slots that counted a
+        beat that is not sent."""
+        requests: dict[str, list[_Beat]] = {}
+        for hb, until in candidates:
+            view = views.get(hb)
+            fenced = view.index if view is not None and view.fenced else None
+            asked = None
+            if self._beats.get(hb.receipt_handle) is hb and not hb.in_flight:
+                if view is None or self._follow(hb, view, now):
+                    asked = hb.plan(now) if hb.next_due <= until else None
+                if hb.ended is not None and self._drop(hb):
+                    ended.append(hb)
+            if asked is None:
+                if fenced is not None:
+                    unfence.append(fenced)
+                continue
+            hb.in_flight = True
+            requests.setdefault(hb.queue_url, []).append(_Beat(hb, asked, fenced))
+        return requests
 
-    def _deliver(self, queue_url: str, entries: list[tuple[Heartbeat, int]], sent: float) -> None:
+    def _follow(self, hb: Heartbeat, view: SlotView, now: float) -> bool:
+        """Apply what *hb*'s task wrote in its pool slot; False when no beat may be sent
+        now (the task ended, its process died, or it is extending the message itself)."""
+        hb.slot = view.index
+        if not view.running:
+            hb.end(Ended.TASK_ENDED)
+            return False
+        if not view.alive:
+            hb.end(Ended.SETTLED)  # Celery settles the message of a dead pool process
+            return False
+        if hb.started is None:
+            hb.started = view.started
+        options = hb.options
+        if view.pace is not None and view.pace != (options.interval, options.visibility_timeout):
+            hb.reconfigure(*view.pace)
+        if view.extended is not None and view.extended[0] > hb.last_sent:
+            hb.accepted(*view.extended, manual=True)
+        if view.extending:
+            hb.put_off(now)
+            return False
+        return True
+
+    def _deliver(self, queue_url: str, entries: list[_Beat], sent: float) -> None:
         """Send one request and settle it; runs on an executor thread."""
-        outcome = self._sender.send(
-            queue_url, [(hb.receipt_handle, asked) for hb, asked in entries]
-        )
-        reports = []
-        with self._lock:
-            answered = self._clock()
-            for (hb, asked), failure in zip(entries, outcome.failures, strict=True):
-                due, moot = hb.due, hb.state is State.ENDED
-                retry_in = hb.settle(sent, asked, failure, answered, self._jitter())
-                if self._fence is not None:
-                    self._fence.finish(hb)
-                reports.append((due, moot, retry_in, self._forget_if_ended(hb)))
-                self._note_due(hb)
-            self._settled.notify_all()
-        for (hb, asked), failure, detail, (due, moot, retry_in, ended) in zip(
-            entries, outcome.failures, outcome.details, reports, strict=True
-        ):
-            self._report.beat(
-                hb,
-                asked=asked,
-                failure=failure,
-                detail=detail,
-                error=outcome.error,
-                lateness=max(0.0, answered - due),
-                retry_in=retry_in,
-                moot=moot,
+        settled: list[Settled] = []
+        try:
+            answers = self._sender.send(
+                queue_url, [(b.hb.receipt_handle, b.asked) for b in entries]
             )
-            if ended:
-                self._report.ended(hb, detail)
+            with self._lock:
+                answered = self._clock()
+                for beat, answer in zip(entries, answers, strict=True):
+                    settled.append(
+                        self._settle(beat.hb, sent, beat.asked, answer, answered, manual=False)
+                    )
+        finally:
+            for beat in entries:
+                if beat.slot is not None:
+                    self._finish(beat.slot)
+        for s in settled:
+            self._tell(s)
+
+    def _finish(self, index: int) -> None:
+        assert self._fence is not None
+        self._fence.finish(index)
+
+
+def _next_due(hb: Heartbeat) -> float:
+    return hb.next_due
+
+
+def _earliest(beats: list[Heartbeat]) -> float:
+    """When the first of *beats* not in flight is due (an answer wakes the loop itself)."""
+    return min(
+        (hb.next_due for hb in beats if hb.ended is None and not hb.in_flight), default=math.inf
+    )

@@ -2,71 +2,109 @@
 
 The main process receives every message and beats it; the task runs in a child. Before
 the pool forks, the main process maps one small shared-memory slot per pool process
-(billiard's process index), each with a process-shared lock, and the worker's counters.
-A child writes its slot at ``task_prerun`` and ``task_postrun``: plain stores, no
-system call but the lock, no SQS client, no thread. The message's identity travels as
-a 64-bit digest of its receipt handle: the main process already holds the message.
+(billiard's process index). A child writes its slot at ``task_prerun`` and
+``task_postrun``: a few stores, no SQS client, no thread. The message's identity
+travels as a 64-bit digest of its receipt handle: the main process already holds the
+message. The channel knows nothing of heartbeats: :meth:`Slots.begin` hands the main
+process what a child wrote as a :class:`SlotView`, and the sidecar applies it.
 
-The rules between the two sides, each step under the slot's lock:
+Each field has one writing process (the child: its task; the main process:
+``in_flight``), and each slot a process-shared *robust* mutex, so the two sides see each
+other's stores in order. The kernel hands a robust mutex on when its holder dies: a
+child SIGKILLed in the middle of a write (an OOM kill, a hard time limit) jams nothing,
+and the next process to take the lock simply goes on. The rules between the sides:
 
 * The main process sends a beat for a task it sees running in a slot only after
   counting it ``in_flight`` there, and uncounts it when SQS has answered.
 * ``task_postrun`` marks the slot ended, and waits (at most ``STOP_WAIT``) while a beat
   is in flight: once it returns, no beat for the message is sent, and none lands after
   Celery's delete or requeue.
-* A slot whose process is gone (killed, hard time limit) ends its heartbeat at once, so
-  no beat follows the process's death; Celery then settles the message itself.
+* A slot whose process is gone ends its heartbeat at once, so no beat follows the
+  process's death; Celery then settles the message itself.
 * A task's manual extension (sent by the child itself) marks the slot ``extending``, so
   the main process holds its regular beats, then says what it asked and when.
 
-A lock's holder may die between two stores (SIGKILL); every acquire therefore has a
-time-out, after which the step goes on without the lock and says so once.
+Robust mutexes are POSIX (Linux, with glibc or musl, and FreeBSD). Where there are none
+(macOS), :func:`available` is False and the worker maps no slots: its main process then
+beats each message until Celery settles it, without a fence.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import logging
+import errno
 import mmap
-import multiprocessing
 import os
 import select
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from ._heartbeat import STOP_WAIT, Ended, Heartbeat
+from ._heartbeat import STOP_WAIT
+from ._report import BLOCK_SIZE, shared_block
 
-logger = logging.getLogger("celery_sqs_heartbeat")
-
-#: How long a step waits for a slot's lock before going on without it. The lock is
-#: held for a few stores; only a holder killed in between keeps it longer.
-LOCK_TIMEOUT = 0.5
 #: How often a waiting child looks at the slot again, in seconds.
 POLL = 0.001
+#: Bytes kept for one pthread mutex: more than any libc's ``pthread_mutex_t`` (40 bytes
+#: with glibc on x86-64, 48 on arm64).
+MUTEX_SIZE = 64
+#: ``PTHREAD_PROCESS_SHARED`` and ``PTHREAD_MUTEX_ROBUST``: 1 in glibc, musl and FreeBSD.
+_PROCESS_SHARED = 1
+_ROBUST = 1
 
 _EMPTY, _RUNNING, _ENDED = 0, 1, 2
 _KEY_MASK = 2**64 - 1
 
+#: Tests set this to pause a child inside its slot's write, with the lock held (the worst
+#: instant for a SIGKILL); None in use.
+pause_in_write: Callable[[], None] | None = None
+
 
 class _Slot(ctypes.Structure):
     _fields_ = [
+        ("mutex", ctypes.c_uint64 * (MUTEX_SIZE // 8)),
         ("key", ctypes.c_uint64),
         #: The key of the task before, ended: a beat planned for it is not sent.
         ("previous", ctypes.c_uint64),
         ("state", ctypes.c_int32),
-        ("in_flight", ctypes.c_int32),
         ("extending", ctypes.c_int32),
+        #: The pool process that uses the slot, written when it starts.
         ("pid", ctypes.c_int64),
         ("started", ctypes.c_double),
-        #: A pace set by the task (0: its options' own).
+        #: A pace set by the task of message ``pace_key``.
+        ("pace_key", ctypes.c_uint64),
         ("interval", ctypes.c_double),
         ("visibility_timeout", ctypes.c_int64),
-        #: The task's last manual extension: when, and for how long.
+        #: The last own extension of the task of message ``extended_key``: when, and
+        #: for how long.
+        ("extended_key", ctypes.c_uint64),
         ("extended_at", ctypes.c_double),
         ("extended_for", ctypes.c_int64),
+        #: The main process's field: its beats in flight for this slot's task.
+        ("in_flight", ctypes.c_int64),
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class SlotView:
+    """What a slot said of one message's task, as the main process read it."""
+
+    index: int
+    #: Its task runs in the slot now (False: it ended there).
+    running: bool
+    #: Its pool process is alive.
+    alive: bool = True
+    started: float = 0.0
+    #: The pace its task set: (interval, visibility timeout), or None.
+    pace: tuple[float, int] | None = None
+    #: Its task's last own extension: (sent at, seconds), or None.
+    extended: tuple[float, int] | None = None
+    #: Its task is sending an extension right now: hold the regular beat.
+    extending: bool = False
+    #: This read counted a beat in flight: the sidecar must :meth:`Slots.finish` it.
+    fenced: bool = False
 
 
 def key_of(receipt_handle: str) -> int:
@@ -78,162 +116,173 @@ def key_of(receipt_handle: str) -> int:
     return hash(receipt_handle) & _KEY_MASK or 1
 
 
-class Slots:
-    """The slots of one prefork worker, mapped by its main process before the fork."""
+def _libc() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    for name in ("pthread_mutex_lock", "pthread_mutex_unlock", "pthread_mutex_consistent"):
+        getattr(libc, name).argtypes = [ctypes.c_void_p]
+    return libc
 
-    def __init__(self, capacity: int, extra: int = 0) -> None:
-        """Map *capacity* slots, and *extra* bytes for the caller (see :meth:`extra`)."""
+
+def available() -> bool:
+    """Whether this platform has process-shared robust mutexes (so slots can be mapped)."""
+    try:
+        libc = _libc()
+        return all(
+            hasattr(libc, name)
+            for name in ("pthread_mutexattr_setrobust", "pthread_mutex_consistent")
+        )
+    except OSError:
+        return False
+
+
+class Slots:
+    """The slots of one prefork worker, mapped by its main process before the fork,
+    followed by one block of counters for the main process and one per slot."""
+
+    def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._extra = extra
-        self._map = mmap.mmap(-1, extra + capacity * ctypes.sizeof(_Slot))
-        self._table = (_Slot * capacity).from_buffer(self._map, extra)
-        # Locks of the fork context are anonymous semaphores, inherited by the children,
-        # with no resource-tracker process.
-        context = multiprocessing.get_context("fork")
-        self._locks = [context.Lock() for _ in range(capacity)]
-        self._noted: set[str] = set()
+        counters = (capacity + 1) * BLOCK_SIZE
+        self._map = mmap.mmap(-1, counters + capacity * ctypes.sizeof(_Slot))
+        self._table = (_Slot * capacity).from_buffer(self._map, counters)
+        self._blocks = [
+            shared_block(memoryview(self._map)[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE])
+            for i in range(capacity + 1)
+        ]
+        self._libc = libc = _libc()
+        self._mutexes = [ctypes.addressof(s) + _Slot.mutex.offset for s in self._table]
+        attr = ctypes.create_string_buffer(MUTEX_SIZE)
+        libc.pthread_mutexattr_init(attr)
+        libc.pthread_mutexattr_setpshared(attr, _PROCESS_SHARED)
+        libc.pthread_mutexattr_setrobust(attr, _ROBUST)
+        for address in self._mutexes:
+            if libc.pthread_mutex_init(ctypes.c_void_p(address), attr):
+                raise OSError("pthread_mutex_init failed")
+        libc.pthread_mutexattr_destroy(attr)
+        self._lock_fn, self._unlock_fn = libc.pthread_mutex_lock, libc.pthread_mutex_unlock
         #: The main process's pidfd of each child it has seen in a slot.
         self._pidfds: dict[int, int] = {}
 
-    def extra(self) -> Any:
-        """The *extra* bytes, shared like the slots (the worker's counters)."""
-        return memoryview(self._map)[: self._extra]
+    def counter_blocks(self, slot: int | None) -> tuple[Any, list[Any]]:
+        """The block of counters that the main process (*slot* None) or the child in
+        *slot* writes, and the blocks it only reads."""
+        own = 0 if slot is None else slot + 1
+        return self._blocks[own], [b for i, b in enumerate(self._blocks) if i != own]
+
+    def _lock(self, index: int) -> None:
+        address = self._mutexes[index]
+        if self._lock_fn(address) == errno.EOWNERDEAD:
+            # Its holder died in the middle of a write: what it left is the slot's state
+            # now, and the next write (or the dead process's check) sets it right.
+            self._libc.pthread_mutex_consistent(address)
+
+    def _unlock(self, index: int) -> None:
+        self._unlock_fn(self._mutexes[index])
 
     @contextlib.contextmanager
-    def _locked(self, index: int) -> Iterator[None]:
-        lock = self._locks[index]
-        got = lock.acquire(timeout=LOCK_TIMEOUT) or self._stuck(index)
+    def _locked(self, index: int) -> Iterator[_Slot]:
+        self._lock(index)
         try:
-            yield
+            yield self._table[index]
         finally:
-            if got:
-                lock.release()
-
-    def _stuck(self, index: int) -> bool:
-        """Say once that a slot's lock was held too long; go on without it (False)."""
-        if "lock" not in self._noted:
-            self._noted.add("lock")
-            logger.error(
-                "celery-sqs-heartbeat: the lock of pool slot %d was held for over %g s (its "
-                "process was probably killed while holding it); going on without it.",
-                index,
-                LOCK_TIMEOUT,
-            )
-        return False
+            self._unlock(index)
 
     # -- a pool child's side -------------------------------------------------------------
 
-    def started(self, index: int, receipt_handle: str, pid: int) -> None:
-        """``task_prerun`` in the child with process *index* and id *pid*."""
+    def attach(self, index: int, pid: int) -> None:
+        """A pool process with id *pid* starts using slot *index*."""
+        with self._locked(index) as slot:
+            slot.pid = pid
+
+    def started(self, index: int, key: int) -> None:
+        """``task_prerun`` of message *key*'s task in the child using slot *index*."""
         # The per-task path: the lock by hand, not through a generator-based context
         # manager, which would cost more than the stores themselves.
-        slot, lock = self._table[index], self._locks[index]
-        got = lock.acquire(timeout=LOCK_TIMEOUT) or self._stuck(index)
+        slot = self._table[index]
+        self._lock(index)
         try:
-            if slot.key:
-                slot.previous = slot.key
-            slot.key = key_of(receipt_handle)
+            slot.previous = slot.key
+            slot.key = key
+            if pause_in_write is not None:
+                pause_in_write()
             slot.state = _RUNNING
-            slot.pid = pid
             slot.started = time.monotonic()
-            slot.interval = slot.visibility_timeout = slot.extended_for = 0
-            slot.extended_at = 0.0
         finally:
-            if got:
-                lock.release()
+            self._unlock(index)
 
     def ended(self, index: int) -> None:
         """``task_postrun``: no beat is sent for the task once this returns."""
-        slot, lock = self._table[index], self._locks[index]
-        got = lock.acquire(timeout=LOCK_TIMEOUT) or self._stuck(index)
+        slot = self._table[index]
+        self._lock(index)
         try:
             slot.state = _ENDED
             busy = slot.in_flight > 0
         finally:
-            if got:
-                lock.release()
+            self._unlock(index)
         if busy:
-            self._wait_idle(slot)
+            _wait_idle(slot)
 
     def configure(self, index: int, interval: float, visibility_timeout: int) -> None:
-        slot = self._table[index]
-        with self._locked(index):
+        with self._locked(index) as slot:
+            slot.pace_key = slot.key
             slot.interval, slot.visibility_timeout = interval, visibility_timeout
 
     @contextlib.contextmanager
     def extending(self, index: int) -> Iterator[None]:
         """Hold the main process's beats while the child sends its own extension."""
-        slot = self._table[index]
-        with self._locked(index):
+        with self._locked(index) as slot:
             slot.extending = 1
             busy = slot.in_flight > 0
         try:
             if busy:
-                self._wait_idle(slot)
+                _wait_idle(slot)
             yield
         finally:
-            with self._locked(index):
+            with self._locked(index) as slot:
                 slot.extending = 0
 
     def extended(self, index: int, at: float, seconds: int) -> None:
-        slot = self._table[index]
-        with self._locked(index):
+        with self._locked(index) as slot:
+            slot.extended_key = slot.key
             slot.extended_at, slot.extended_for = at, seconds
-
-    def pace(self, index: int) -> tuple[float, int] | None:
-        """The pace the task set, if any (for ``current()`` in the child)."""
-        slot = self._table[index]
-        return (slot.interval, int(slot.visibility_timeout)) if slot.interval else None
-
-    @staticmethod
-    def _wait_idle(slot: _Slot) -> None:
-        deadline = time.monotonic() + STOP_WAIT
-        while slot.in_flight > 0 and time.monotonic() < deadline:
-            time.sleep(POLL)
 
     # -- the main process's side -----------------------------------------------------------
 
-    def begin(self, hb: Heartbeat, until: float) -> bool:
-        """Whether to send a beat for *hb* now; counts it in flight in its task's slot.
-
-        Brings *hb* up to date with its slot first: running, ended (by its task or with
-        its process), or paced and extended by its task. False when it ended, or its
-        next beat is now due after *until* (its task extended the message itself).
-        """
-        key = key_of(hb.receipt_handle)
-        if hb.slot is None:
-            hb.slot = next(
-                (i for i, s in enumerate(self._table) if key in (s.key, s.previous)), None
-            )
-            if hb.slot is None:
-                return True  # its task has not started: nothing to fence
-        index, slot = hb.slot, self._table[hb.slot]
-        with self._locked(index):
+    def begin(self, key: int, index: int | None) -> SlotView | None:
+        """What the slot of message *key*'s task says, read just before a beat; counts
+        the beat in flight there when the task runs. *index*: the slot it was last seen
+        in. None when its task has not started in any slot."""
+        if index is None:
+            index = next((i for i, s in enumerate(self._table) if key in (s.key, s.previous)), None)
+            if index is None:
+                return None
+        with self._locked(index) as slot:
             if slot.key != key or slot.state != _RUNNING:
-                hb.end(Ended.TASK_ENDED)
-                return False
-            if not self._alive(int(slot.pid)):
-                hb.end(Ended.SETTLED)
-                return False
-            hb.run(slot.started)
-            if slot.interval and (slot.interval, slot.visibility_timeout) != (
-                hb.interval,
-                hb.visibility_timeout,
-            ):
-                hb.reconfigure(slot.interval, int(slot.visibility_timeout))
-            if slot.extended_at > hb.last_sent:
-                hb.extended(slot.extended_at, int(slot.extended_for))
-            if slot.extending or hb.next_due > until:
-                return False
-            slot.in_flight += 1
-            return True
+                return SlotView(index, running=False)
+            extending = bool(slot.extending)
+            if not extending:
+                slot.in_flight += 1
+            pid, started = int(slot.pid), float(slot.started)
+            paced, extended = slot.pace_key == key, slot.extended_key == key
+            interval, visibility = float(slot.interval), int(slot.visibility_timeout)
+            at, seconds = float(slot.extended_at), int(slot.extended_for)
+        if not self._alive(pid):
+            if not extending:
+                self.finish(index)
+            return SlotView(index, running=True, alive=False)
+        return SlotView(
+            index,
+            running=True,
+            started=started,
+            pace=(interval, visibility) if paced else None,
+            extended=(at, seconds) if extended else None,
+            extending=extending,
+            fenced=not extending,
+        )
 
-    def finish(self, hb: Heartbeat) -> None:
-        """The beat counted by :meth:`begin` has been answered (or given up on)."""
-        if hb.slot is not None:
-            slot = self._table[hb.slot]
-            with self._locked(hb.slot):
-                slot.in_flight = max(0, slot.in_flight - 1)
+    def finish(self, index: int) -> None:
+        """A beat counted by :meth:`begin` has been answered (or was not sent)."""
+        with self._locked(index) as slot:
+            slot.in_flight = max(0, slot.in_flight - 1)
 
     def _alive(self, pid: int) -> bool:
         """Whether pool process *pid* still runs; a dead child that Celery has not yet
@@ -258,3 +307,9 @@ class Slots:
             os.close(self._pidfds.pop(pid))
             return False
         return True
+
+
+def _wait_idle(slot: _Slot) -> None:
+    deadline = time.monotonic() + STOP_WAIT
+    while slot.in_flight > 0 and time.monotonic() < deadline:
+        time.sleep(POLL)

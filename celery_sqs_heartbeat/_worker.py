@@ -1,41 +1,41 @@
-"""Celery's side: the signal handlers that start and stop heartbeats, and the worker checks.
+"""Celery's side: the signal handlers, and the part each process plays in a worker.
 
-* ``task_received`` (the worker's main process, for every message) starts the message's
-  heartbeat: it beats from the receipt until the message is settled, through any wait in
-  the prefetch buffer or for an ETA.
-* ``task_prerun`` and ``task_postrun`` (fired from a ``finally``) run where the task runs.
-  In the worker's main process (threads, solo, gevent, eventlet) they tell the sidecar
-  directly; in a prefork pool child they write the child's slot (``_slots``), which the
-  main process reads before each beat. Either way ``task_postrun`` is final: no beat for
-  the message follows it. Both are a dict lookup and a lock: no I/O.
-* ``worker_init`` validates every heartbeat setting and task option and stops the worker
-  on a bad one (``SystemExit``: Celery swallows any ``Exception`` a handler raises), and
-  maps the prefork slots before the pool forks.
-* ``worker_ready`` logs, once, what would make the heartbeat useless, and starts the
-  sidecar thread, with an SQS client that shares kombu's parsed models: after the pool
-  has forked, so the children share none of its memory. (A message that comes before
-  makes it at once.)
+Every handler hands its signal to this process's *role*, one object built at a named
+signal and replaced whole at fork, so no handler asks which pool or process it runs in:
 
-Everything a process keeps is in one :class:`_Process`, replaced whole in a forked child.
+* :class:`Main`, the worker's main process, built at ``worker_init`` (before the pool
+  forks, so that it can map the prefork slots). It receives every message and beats it
+  from ``task_received`` until Celery settles it, from a sidecar started at
+  ``worker_ready`` (or by a message that comes before). In the threads, solo, gevent and
+  eventlet pools it also runs the tasks: its ``task_prerun`` and ``task_postrun`` tell
+  the sidecar directly.
+* :class:`Child`, a prefork pool child, made at ``worker_process_init`` from the
+  :class:`Forked` role a fork of the main process starts with. Its ``task_prerun`` and
+  ``task_postrun`` write its slot (``_slots``), which the main process reads before each
+  beat.
+* :class:`Role` itself in every other process, and in a worker whose heartbeat is off
+  (:class:`NotSQS` where the broker is not SQS): every handler does nothing.
+
+Either way ``task_postrun`` is final: no beat for the message follows it. A bad setting
+stops the worker at ``worker_init`` (``SystemExit``: Celery swallows any ``Exception`` a
+handler raises); an error in a handler is logged once and never reaches the task.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from celery import signals
 
 from ._client import BrokerInfo, Clients, call_timeout, kombu_loader
 from ._control import InChild, InProcess, TaskHeartbeat
 from ._heartbeat import Heartbeat
-from ._report import COUNTS_SIZE, Counters, Reporter
+from ._report import Counters, Reporter
 from ._send import Sender
 from ._settings import (
     ConfigurationError,
@@ -47,7 +47,7 @@ from ._settings import (
     startup_warnings,
 )
 from ._sidecar import Sidecar
-from ._slots import Slots
+from ._slots import Slots, available, key_of
 
 logger = logging.getLogger("celery_sqs_heartbeat")
 
@@ -55,188 +55,344 @@ logger = logging.getLogger("celery_sqs_heartbeat")
 DISABLED = HeartbeatOptions(enabled=False, interval=30, visibility_timeout=120, max_duration=None)
 #: How long worker shutdown waits for the sidecar thread to finish a call.
 SHUTDOWN_JOIN_TIMEOUT = 2.0
+#: The key under which the main process writes a message's receipt time into Celery's
+#: request for a prefork child (``task.request.sqs_heartbeat_received`` there): SQS's
+#: 12-hour limit counts from it, and the child's own extensions must respect it.
+RECEIVED = "sqs_heartbeat_received"
 
-F = TypeVar("F", bound=Callable[..., None])
-
-
-class _Process:
-    """What the heartbeat keeps in one process.
-
-    The worker's main process has the sidecar; a prefork pool child has its slot and
-    shares the worker's counters; any other process has neither until it needs one.
-    """
-
-    def __init__(
-        self,
-        apps: weakref.WeakSet[Any] | None,
-        options: dict[str, HeartbeatOptions] | None = None,
-        slots: Slots | None = None,
-        counters: Counters | None = None,
-    ) -> None:
-        #: Apps the handlers serve; None: every app (the ``celery`` command's plugin).
-        self.apps = apps
-        #: Effective options by task name, resolved at worker start (or on first use).
-        self.options = options if options is not None else {}
-        self.slots = slots
-        self.counters = counters if counters is not None else Counters()
-        #: Whether this is a prefork pool child, and its slot there.
-        self.pool_child = False
-        self.pid = os.getpid()
-        self.slot: int | None = None
-        self.sidecar: Sidecar | None = None
-        #: A pool child's own sender, made on its task's first manual extension.
-        self.sender: Sender | None = None
-        self.lock = threading.Lock()
-        #: Receipt handle of each running task's message, by (thread, task id): kombu may
-        #: change the message's properties after prerun (requeue), and a retried task
-        #: keeps its id but runs in another thread (or after this one ends).
-        self.running: dict[tuple[int, str], str] = {}
-        self.noted: set[str] = set()
-        #: Whether an app's broker is SQS, looked up once.
-        self.sqs: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
-
-    def for_child(self) -> _Process:
-        """The state of a forked child: the same apps, options, slots and counters."""
-        return _Process(self.apps, dict(self.options), self.slots, self.counters)
-
-    def serves(self, app: Any) -> bool:
-        return self.apps is None or app in self.apps
-
-    def note_once(self, key: str, level: int, message: str, *args: object) -> None:
-        if key not in self.noted:
-            self.noted.add(key)
-            logger.log(level, message, *args, exc_info=level >= logging.ERROR)
-
-    def options_for(self, task: Any) -> HeartbeatOptions:
-        """The task's options; DISABLED for apps not served or options that are wrong."""
-        options = self.options.get(task.name)
-        if options is None:
-            options = DISABLED
-            if self.serves(task.app):
-                try:
-                    options = resolve(task.app.conf, task)
-                except ConfigurationError as exc:
-                    logger.error("%s; task %s runs without a heartbeat.", exc, task.name)
-            self.options[task.name] = options
-        return options
-
-    def is_sqs(self, app: Any) -> bool:
-        known = self.sqs.get(app)
-        if known is None:
-            known = self.sqs[app] = BrokerInfo.from_app(app) is not None
-        return known
+_noted: set[str] = set()
 
 
-_state = _Process(weakref.WeakSet())
+def _note_once(key: str, level: int, message: str, *args: object, exc_info: Any = None) -> None:
+    if key not in _noted:
+        _noted.add(key)
+        logger.log(level, message, *args, exc_info=exc_info)
 
 
-def _forget_in_child() -> None:
-    global _state
-    _state = _state.for_child()
+class _Guard:
+    """The one guard of every handler: an error inside is logged once and never reaches
+    Celery or the task, which runs on without a heartbeat. (``SystemExit`` is no
+    ``Exception``: a bad setting still stops the worker.)"""
+
+    __slots__ = ("_what",)
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: Any, trace: Any) -> bool:
+        if kind is None or not issubclass(kind, Exception):
+            return False
+        _note_once(
+            self._what,
+            logging.ERROR,
+            "celery-sqs-heartbeat: could not %s; tasks run on.",
+            self._what,
+            exc_info=(kind, error, trace),
+        )
+        return True
 
 
-os.register_at_fork(after_in_child=_forget_in_child)
+def _late_options(task: Any) -> HeartbeatOptions:
+    """Options of a task registered after the worker started: read, not remembered."""
+    try:
+        return resolve(task.app.conf, task)
+    except ConfigurationError as exc:
+        _note_once(
+            task.name, logging.ERROR, "%s; task %s runs without a heartbeat.", exc, task.name
+        )
+        return DISABLED
 
 
-def _never_raises(what: str) -> Callable[[F], F]:
-    """The one guard of every handler: an error here is logged once and never reaches
-    Celery or the task; the task runs without a heartbeat."""
-
-    def decorate(handler: F) -> F:
-        @functools.wraps(handler)
-        def guarded(*args: Any, **kwargs: Any) -> None:
-            try:
-                handler(*args, **kwargs)
-            except Exception:
-                _state.note_once(
-                    what, logging.ERROR, "celery-sqs-heartbeat: could not %s; tasks run on.", what
-                )
-
-        return guarded  # type: ignore[return-value]
-
-    return decorate
-
-
-# -- the sidecar ---------------------------------------------------------------------------
-
-
-def current_sidecar() -> Sidecar | None:
-    """This process's sidecar, if it has one (for tests and diagnostics)."""
-    return _state.sidecar
-
-
-def ensure_sidecar(app: Any, consumer: Any = None) -> Sidecar | None:
-    """This process's running sidecar, made on first use; None when the broker is not SQS.
-
-    Given the worker's *consumer*, its SQS client shares kombu's parsed models."""
-    state = _state
-    if state.sidecar is not None:
-        return state.sidecar
-    with state.lock:
-        if state.sidecar is None:
-            broker = BrokerInfo.from_app(app)
-            if broker is None:
-                return None
-            clients = _clients(app, broker, state, kombu_loader(consumer))
-            state.sidecar = Sidecar(
-                Sender(clients.for_queue),
-                Reporter(state.counters, region=lambda: clients.region),
-                call_timeout=clients.timeout,
-                fence=state.slots,
-            )
-            state.sidecar.run_in_background()
-        return state.sidecar
-
-
-def _clients(app: Any, broker: BrokerInfo, state: _Process, loader: Any = None) -> Clients:
-    timeout = call_timeout(shortest_interval(app, state.options))
-    clients = Clients(broker, timeout=timeout, loader=loader)
+def _clients(app: Any, options: dict[str, HeartbeatOptions], loader: Any = None) -> Clients:
+    broker = BrokerInfo.from_app(app)
+    assert broker is not None  # a Main role is made for an SQS broker only
+    clients = Clients(broker, timeout=call_timeout(shortest_interval(app, options)), loader=loader)
     # Made now, before any beat: building a client is ~100 ms of Python that a busy
     # process would slow down many times over.
     clients.warm_up()
     return clients
 
 
-def shutdown_sidecar() -> None:
-    state = _state
-    with state.lock:
-        sidecar, state.sidecar = state.sidecar, None
-    if sidecar is not None:
-        sidecar.shutdown(SHUTDOWN_JOIN_TIMEOUT)
+# -- the roles ------------------------------------------------------------------------------
 
 
-def _child_sender(app: Any) -> Sender:
-    """A pool child's sender, for its task's manual extension; made on first use."""
-    state = _state
-    with state.lock:
-        if state.sender is None:
-            broker = BrokerInfo.from_app(app)
-            assert broker is not None  # the task came from SQS
-            state.sender = Sender(_clients(app, broker, state).for_queue)
-        return state.sender
+class Role:
+    """A process that serves no heartbeat: every handler does nothing."""
+
+    def __init__(self) -> None:
+        #: Effective options by task name, resolved at worker start.
+        self.options: dict[str, HeartbeatOptions] = {}
+        self.counters = Counters()
+
+    def received(self, request: Any) -> None: ...
+
+    def prerun(self, task: Any, task_id: str) -> None: ...
+
+    def postrun(self, task_id: str) -> None: ...
+
+    def current(self, task: Any) -> TaskHeartbeat | None:
+        return None
+
+    def ready(self, consumer: Any) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    def forked(self) -> Role:
+        """The role of a process forked from this one."""
+        return Role()
+
+    def in_pool_process(self) -> Role:
+        """The role once ``worker_process_init`` says this is a pool process."""
+        return self
 
 
-# -- worker start ---------------------------------------------------------------------------
+class NotSQS(Role):
+    """A worker with the heartbeat on, whose broker is not SQS."""
+
+    def ready(self, consumer: Any) -> None:
+        logger.info(
+            "celery-sqs-heartbeat: the broker is not SQS, so no heartbeat is sent; "
+            "tasks run as usual."
+        )
 
 
-@_never_raises("prepare the worker")
-def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    app = sender.app
-    if not _state.serves(app):
-        return
+class Main(Role):
+    """The worker's main process: it receives every message and beats it."""
+
+    def __init__(
+        self,
+        app: Any,
+        options: dict[str, HeartbeatOptions],
+        slots: Slots | None,
+        *,
+        unfenced: bool = False,
+    ) -> None:
+        super().__init__()
+        self.app = app
+        self.options = options
+        #: The prefork pool's slots, mapped before the fork; None in the other pools.
+        self.slots = slots
+        #: A prefork pool without slots (no robust mutexes here).
+        self.unfenced = unfenced
+        if slots is not None:
+            self.counters = Counters(*slots.counter_blocks(None))
+        self.sidecar: Sidecar | None = None
+        #: Receipt handle of each task running here, by (thread, task id): kombu may
+        #: change the message's properties after prerun (requeue), and a retried task
+        #: keeps its id but runs in another thread (or after this one ends).
+        self.running: dict[tuple[int, str], str] = {}
+        self._lock = threading.Lock()
+
+    def received(self, request: Any) -> None:
+        # For every message: a few lookups, one small object, one lock.
+        task = request.task
+        options = self.options.get(task.name) or _late_options(task)
+        if not options.enabled:
+            return
+        message = request.message
+        queue_url = (message.delivery_info or {}).get("sqs_queue")
+        if not queue_url or message.acknowledged:
+            return  # not from SQS, or already settled
+        now = time.monotonic()
+        if self.slots is not None:
+            request.request_dict[RECEIVED] = now
+        hb = Heartbeat(
+            message.delivery_tag,
+            queue_url,
+            options,
+            now,
+            task.name,
+            request.id,
+            lambda: bool(message.acknowledged),
+        )
+        (self.sidecar or self.start()).add(hb)
+
+    def prerun(self, task: Any, task_id: str) -> None:
+        sidecar = self.sidecar
+        if sidecar is None:
+            return
+        try:
+            receipt_handle = task.request.properties["delivery_tag"]
+        except (TypeError, KeyError):
+            return  # eager, or not from SQS
+        if sidecar.run(receipt_handle):
+            self.running[threading.get_ident(), task_id] = receipt_handle
+
+    def postrun(self, task_id: str) -> None:
+        receipt_handle = self.running.pop((threading.get_ident(), task_id), None)
+        if receipt_handle is not None and self.sidecar is not None:
+            self.sidecar.stop(receipt_handle)
+
+    def current(self, task: Any) -> TaskHeartbeat | None:
+        receipt_handle = self.running.get((threading.get_ident(), task.request.id))
+        sidecar = self.sidecar
+        hb = None if receipt_handle is None or sidecar is None else sidecar.get(receipt_handle)
+        return None if hb is None or sidecar is None else TaskHeartbeat(InProcess(sidecar, hb))
+
+    def ready(self, consumer: Any) -> None:
+        if self.unfenced:
+            logger.info(
+                "celery-sqs-heartbeat: this platform has no process-shared robust mutexes, "
+                "so the pool children cannot tell the main process when their tasks end; it "
+                "beats each message until Celery settles it (a beat may land just after the "
+                "delete)."
+            )
+        pool = getattr(consumer, "pool", None)
+        if getattr(pool, "is_green", False):
+            margin = min(
+                o.visibility_timeout - o.interval for o in self.options.values() if o.enabled
+            )
+            logger.warning(
+                "celery-sqs-heartbeat: in the %s pool the heartbeat is a greenlet like the "
+                "tasks: a task that never yields (computes for %g s or more without I/O or a "
+                "sleep) starves it, and its message is delivered again. Run CPU-bound tasks in "
+                "a prefork worker.",
+                type(pool).__module__.rpartition(".")[2],
+                margin,
+            )
+        self.start(consumer)
+
+    def start(self, consumer: Any = None) -> Sidecar:
+        """The running sidecar, started now if it is not yet. Given the worker's
+        *consumer*, its SQS client shares kombu's parsed models."""
+        with self._lock:
+            if self.sidecar is None:
+                clients = _clients(self.app, self.options, kombu_loader(consumer))
+                self.sidecar = Sidecar(
+                    Sender(clients.for_queue),
+                    Reporter(self.counters, region=lambda: clients.region),
+                    call_timeout=clients.timeout,
+                    fence=self.slots,
+                )
+                self.sidecar.run_in_background()
+            return self.sidecar
+
+    def shutdown(self) -> None:
+        with self._lock:
+            sidecar, self.sidecar = self.sidecar, None
+        if sidecar is not None:
+            sidecar.shutdown(SHUTDOWN_JOIN_TIMEOUT)
+
+    def forked(self) -> Role:
+        return Forked(self)
+
+
+class Forked(Role):
+    """A fork of the worker's main process: a pool child, once it says so."""
+
+    def __init__(self, main: Main) -> None:
+        super().__init__()
+        self._main = main
+
+    def in_pool_process(self) -> Role:
+        slots = self._main.slots
+        if slots is None:
+            return Role()  # no slots: the main process beats until Celery settles
+        from billiard.process import current_process  # type: ignore[import-untyped]
+
+        index = getattr(current_process(), "index", None)
+        if isinstance(index, int) and 0 <= index < slots.capacity:
+            return Child(self._main, slots, index)
+        logger.warning(
+            "celery-sqs-heartbeat: pool process %s has no slot (%d mapped); the main process "
+            "beats its tasks' messages until Celery settles them.",
+            index,
+            slots.capacity,
+        )
+        return Role()
+
+
+class Child(Role):
+    """A prefork pool child: it tells the main process through its slot when its task
+    starts and ends."""
+
+    def __init__(self, main: Main, slots: Slots, index: int) -> None:
+        super().__init__()
+        self.app = main.app
+        self.options = main.options
+        self.slots = slots
+        self.index = index
+        slots.attach(index, os.getpid())
+        self.counters = Counters(*slots.counter_blocks(index))
+        #: The task running here: (task id, receipt handle, Celery's request).
+        self.task: tuple[str, str, Any] | None = None
+        #: Its manual control, made on the first ``current()`` and kept for the task.
+        self.handle: TaskHeartbeat | None = None
+        #: A sender for the tasks' own extensions, made on the first one.
+        self.sender: Sender | None = None
+
+    def prerun(self, task: Any, task_id: str) -> None:
+        request = task.request
+        try:
+            receipt_handle = request.properties["delivery_tag"]
+        except (TypeError, KeyError):
+            return  # eager, or not from SQS
+        options = self.options.get(task.name)
+        if options is not None and not options.enabled:
+            return
+        self.slots.started(self.index, key_of(receipt_handle))
+        self.task, self.handle = (task_id, receipt_handle, request), None
+
+    def postrun(self, task_id: str) -> None:
+        if self.task is not None and self.task[0] == task_id:
+            self.task = self.handle = None
+            self.slots.ended(self.index)
+
+    def current(self, task: Any) -> TaskHeartbeat | None:
+        running = self.task
+        if running is None or running[0] != task.request.id:
+            return None
+        if self.handle is None:
+            task_id, receipt_handle, request = running
+            hb = Heartbeat(
+                receipt_handle,
+                str(request.properties["delivery_info"]["sqs_queue"]),
+                self.options.get(task.name) or _late_options(task),
+                getattr(request, RECEIVED, None) or time.monotonic(),
+                task.name,
+                task_id,
+            )
+            control = InChild(
+                self.slots,
+                self.index,
+                hb,
+                self._sender,
+                Reporter(self.counters, region=lambda: None),
+            )
+            self.handle = TaskHeartbeat(control)
+        return self.handle
+
+    def _sender(self) -> Sender:
+        if self.sender is None:
+            self.sender = Sender(_clients(self.app, self.options).for_queue)
+        return self.sender
+
+    def forked(self) -> Role:
+        return Role()
+
+
+def _for_worker(worker: Any) -> Role:
+    """The role of a worker's main process, from its settings (at ``worker_init``)."""
+    app = worker.app
     try:
-        _state.options = resolve_tasks(app)
+        options = resolve_tasks(app)
     except ConfigurationError as exc:
         # SystemExit is not an Exception: it stops the worker with status 1 and the
         # message on stderr (logging is not set up yet at worker_init).
         raise SystemExit(str(exc)) from None
-    if not enabled_tasks(_state.options) or not _state.is_sqs(app):
-        return
-    if _is_prefork(sender.pool_cls):
-        # Before the pool forks: every child inherits the mapping.
-        slots = Slots(_pool_size(sender), COUNTS_SIZE)
-        _state.slots = slots
-        _state.counters = Counters(slots.extra(), lock=_fork_lock())
+    if not enabled_tasks(options):
+        return Role()
+    if BrokerInfo.from_app(app) is None:
+        return NotSQS()
+    if not _is_prefork(worker.pool_cls):
+        return Main(app, options, None)
+    if not available():
+        return Main(app, options, None, unfenced=True)
+    # Before the pool forks: every child inherits the mapping.
+    return Main(app, options, Slots(_pool_size(worker)))
 
 
 def _pool_size(worker: Any) -> int:
@@ -247,153 +403,6 @@ def _pool_size(worker: Any) -> int:
         autoscale = [int(autoscale.partition(",")[0])]
     sizes = [n for n in (worker.concurrency, *autoscale[:1]) if isinstance(n, int)]
     return max(sizes) if sizes else os.cpu_count() or 1
-
-
-def _fork_lock() -> Any:
-    import multiprocessing
-
-    return multiprocessing.get_context("fork").Lock()
-
-
-@_never_raises("find this pool process's slot")
-def _on_worker_process_init(**_: Any) -> None:
-    from billiard.process import current_process  # type: ignore[import-untyped]
-
-    slots = _state.slots
-    if slots is None:
-        return  # not a prefork pool child: the solo pool sends this signal too
-    _state.pool_child = True
-    index = getattr(current_process(), "index", None)
-    if isinstance(index, int) and 0 <= index < slots.capacity:
-        _state.slot = index
-    else:
-        _state.note_once(
-            "no-slot",
-            logging.WARNING,
-            "celery-sqs-heartbeat: pool process %s has no slot (%d mapped); the main process "
-            "beats its tasks' messages until Celery settles them.",
-            index,
-            slots.capacity,
-        )
-
-
-@_never_raises("check the worker's configuration")
-def _on_worker_ready(sender: Any = None, **_: Any) -> None:
-    app = sender.app
-    if not _state.serves(app):
-        return
-    found = _state.options or resolve_tasks(app)
-    for line in startup_warnings(app, found):
-        logger.warning("%s", line)
-    if not enabled_tasks(found):
-        return
-    pool = getattr(sender, "pool", None)
-    if getattr(pool, "is_green", False):
-        margin = min(o.visibility_timeout - o.interval for o in found.values() if o.enabled)
-        logger.warning(
-            "celery-sqs-heartbeat: in the %s pool the heartbeat is a greenlet like the "
-            "tasks: a task that never yields (computes for %g s or more without I/O or a "
-            "sleep) starves it, and its message is delivered again. Run CPU-bound tasks in "
-            "a prefork worker.",
-            type(pool).__module__.rpartition(".")[2],
-            margin,
-        )
-    if not _state.is_sqs(app):
-        logger.info(
-            "celery-sqs-heartbeat: the broker is not SQS, so no heartbeat is sent; "
-            "tasks run as usual."
-        )
-    else:
-        ensure_sidecar(app, sender)
-
-
-# -- messages and tasks -------------------------------------------------------------------
-
-
-@_never_raises("start a heartbeat for a received message")
-def _on_task_received(request: Any = None, **_: Any) -> None:
-    # The worker's main process, for every message: a few dict lookups and one lock.
-    task = request.task
-    options = _state.options_for(task)
-    if not options.enabled:
-        return
-    message = request.message
-    queue_url = (message.delivery_info or {}).get("sqs_queue")
-    if not queue_url or message.acknowledged:
-        return  # not from SQS (said once at worker start), or already settled
-    sidecar = _state.sidecar or ensure_sidecar(task.app)
-    if sidecar is not None:
-        hb = Heartbeat(
-            message.delivery_tag,
-            queue_url,
-            options,
-            time.monotonic(),
-            task.name,
-            request.id,
-            is_settled=lambda: bool(message.acknowledged),
-        )
-        sidecar.add(hb)
-
-
-@_never_raises("start a heartbeat")
-def _on_task_prerun(task: Any = None, task_id: str = "", **_: Any) -> None:
-    # The hot path: a few dict lookups and one lock.
-    state = _state
-    if not state.options_for(task).enabled:
-        return
-    request = task.request
-    if request.is_eager:
-        return
-    try:
-        properties = request.properties
-        receipt_handle = str(properties["delivery_tag"])
-        queue_url = str(properties["delivery_info"]["sqs_queue"])
-    except (TypeError, KeyError):
-        if state.is_sqs(task.app):  # else the worker already said so, once
-            state.note_once(
-                "not-sqs",
-                logging.INFO,
-                "celery-sqs-heartbeat: task %s came without SQS message properties; "
-                "it runs without a heartbeat.",
-                task.name,
-            )
-        return
-    if state.pool_child:
-        # The main process beats the message; a child never makes a sidecar of its own.
-        if state.slot is None or state.slots is None:
-            return
-        state.slots.started(state.slot, receipt_handle, state.pid)
-    else:
-        sidecar = state.sidecar or ensure_sidecar(task.app)
-        if sidecar is None:
-            return
-        if sidecar.run(receipt_handle) is None:
-            # Not seen at its receipt (a worker started from Python without the
-            # heartbeat installed yet): beat it from now on.
-            options = state.options_for(task)
-            hb = Heartbeat(receipt_handle, queue_url, options, time.monotonic(), task.name, task_id)
-            hb.run(hb.received)
-            if not task.acks_late or not sidecar.add(hb):
-                return
-    state.running[threading.get_ident(), task_id] = receipt_handle
-
-
-@_never_raises("stop a heartbeat")
-def _on_task_postrun(task_id: str = "", **_: Any) -> None:
-    state = _state
-    receipt_handle = state.running.pop((threading.get_ident(), task_id), None)
-    if receipt_handle is None:
-        return
-    if state.slot is not None:
-        assert state.slots is not None
-        state.slots.ended(state.slot)
-    elif state.sidecar is not None:
-        state.sidecar.stop(receipt_handle)
-
-
-@_never_raises("stop the heartbeat thread")
-def _on_worker_shutdown(**_: Any) -> None:
-    shutdown_sidecar()
 
 
 def _is_prefork(pool_cls: Any) -> bool:
@@ -407,39 +416,93 @@ def _is_prefork(pool_cls: Any) -> bool:
         return False
 
 
+# -- the handlers -----------------------------------------------------------------------
+
+#: This process's role.
+_role = Role()
+#: The apps the handlers serve; None: every app (the ``celery`` command's plugin).
+_apps: weakref.WeakSet[Any] | None = weakref.WeakSet()
+
+
+def _serves(app: Any) -> bool:
+    return _apps is None or app in _apps
+
+
+def _after_fork_in_child() -> None:
+    global _role
+    _role = _role.forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+_PREPARING = _Guard("prepare the worker")
+_FINDING_SLOT = _Guard("find this pool process's slot")
+_CHECKING = _Guard("check the worker's configuration")
+_RECEIVING = _Guard("start a heartbeat for a received message")
+_STARTING = _Guard("start a heartbeat")
+_STOPPING = _Guard("stop a heartbeat")
+_SHUTTING_DOWN = _Guard("stop the heartbeat thread")
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    global _role
+    with _PREPARING:
+        if _serves(sender.app):
+            _role = _for_worker(sender)
+
+
+def _on_worker_process_init(**_: Any) -> None:
+    global _role
+    with _FINDING_SLOT:
+        _role = _role.in_pool_process()  # the solo pool sends it in the worker's own process
+
+
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    with _CHECKING:
+        app = sender.app
+        if not _serves(app):
+            return
+        for line in startup_warnings(app, _role.options or resolve_tasks(app)):
+            logger.warning("%s", line)
+        _role.ready(sender)
+
+
+def _on_task_received(request: Any = None, **_: Any) -> None:
+    with _RECEIVING:
+        _role.received(request)
+
+
+def _on_task_prerun(task: Any = None, task_id: str = "", **_: Any) -> None:
+    with _STARTING:
+        _role.prerun(task, task_id)
+
+
+def _on_task_postrun(task_id: str = "", **_: Any) -> None:
+    with _STOPPING:
+        _role.postrun(task_id)
+
+
+def _on_worker_shutdown(**_: Any) -> None:
+    with _SHUTTING_DOWN:
+        _role.shutdown()
+
+
 # -- the public API's side -----------------------------------------------------------------
 
 
 def current(task: Any) -> TaskHeartbeat | None:
     """The heartbeat of *task*, running in this thread (see ``celery_sqs_heartbeat.current``)."""
-    state = _state
-    request = getattr(task, "request", None)
-    task_id = getattr(request, "id", None)
-    receipt_handle = state.running.get((threading.get_ident(), task_id or ""))
-    if receipt_handle is None:
-        return None
-    if state.slot is not None and state.slots is not None:
-        options = state.options_for(task)
-        queue_url = str(request.properties["delivery_info"]["sqs_queue"])  # type: ignore[union-attr]
-        hb = Heartbeat(
-            receipt_handle, queue_url, options, time.monotonic(), task.name, task_id or ""
-        )
-        hb.run(hb.received)
-        pace = state.slots.pace(state.slot)
-        if pace is not None:
-            hb.interval, hb.visibility_timeout = pace
-        reporter = Reporter(state.counters, region=lambda: None)
-        control = InChild(state.slots, state.slot, lambda: _child_sender(task.app), reporter)
-        return TaskHeartbeat(control, hb)
-    sidecar = state.sidecar
-    found = None if sidecar is None else sidecar.get(receipt_handle)
-    if sidecar is None or found is None:
-        return None
-    return TaskHeartbeat(InProcess(sidecar), found)
+    return _role.current(task)
 
 
 def counters() -> Counters:
-    return _state.counters
+    return _role.counters
+
+
+def current_sidecar() -> Sidecar | None:
+    """This process's sidecar, if it has one (for tests and diagnostics)."""
+    return getattr(_role, "sidecar", None)
 
 
 _HANDLERS = (
@@ -455,20 +518,20 @@ _HANDLERS = (
 
 def connect(app: Any | None) -> None:
     """Serve *app* (None: every app); connecting twice is harmless."""
-    state = _state
+    global _apps
     if app is None:
-        state.apps = None
-    elif state.apps is not None:
-        state.apps.add(app)
-    state.options.clear()  # options depend on which apps are served
+        _apps = None
+    elif _apps is not None:
+        _apps.add(app)
     for signal, handler in _HANDLERS:
         signal.connect(handler, weak=False, dispatch_uid=f"celery_sqs_heartbeat.{handler.__name__}")
 
 
 def disconnect() -> None:
     """Stop serving every app and stop this process's sidecar."""
+    global _apps, _role
     for signal, handler in _HANDLERS:
         signal.disconnect(handler, dispatch_uid=f"celery_sqs_heartbeat.{handler.__name__}")
-    shutdown_sidecar()
-    global _state
-    _state = _Process(weakref.WeakSet())
+    _role.shutdown()
+    _role, _apps = Role(), weakref.WeakSet()
+    _noted.clear()

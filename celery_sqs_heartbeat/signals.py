@@ -8,10 +8,21 @@ Connect metrics to them::
     def on_beat(lateness, **kwargs):
         BEAT_LATENESS.observe(lateness)
 
-``heartbeat_started`` and ``heartbeat_stopped`` are sent from the thread that runs the
-task (keep receivers quick: they add to every task); the others from the heartbeat's own
-thread. Every signal carries ``task_name``, ``task_id``, ``receipt_handle`` and
-``queue_url``. A receiver that raises is logged by Celery and does not affect the beat.
+Every signal is sent with ``sender=None``, from the worker's main process (but a prefork
+task's own ``extend()``, below), and carries ``task_name``, ``task_id``,
+``receipt_handle`` and ``queue_url``. Where each one comes from:
+
+* ``heartbeat_started``: ``task_received``, in the thread that receives the message, for
+  every message (keep receivers quick: they add to every message).
+* ``heartbeat_stopped``: in the threads, solo, gevent and eventlet pools, ``task_postrun``
+  in the task's thread (reason ``"task ended"``). In a prefork worker, the heartbeat's
+  loop thread, when it next looks at the message after the task ended: usually once
+  Celery has settled it (``"message settled"``), up to an interval after the end.
+  Either way, from the loop when the heartbeat ends early (message gone, limits).
+* ``beat_sent``, ``beat_failed``, ``message_lost``: the heartbeat's threads; for a task's
+  own ``extend()``, the task's thread (in a prefork pool child, in that child).
+
+A receiver that raises is logged by Celery and does not affect the beat.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ __all__ = [
 
 _COMMON = {"task_name", "task_id", "receipt_handle", "queue_url"}
 
-#: A task's heartbeat began (at ``task_prerun``). Also: ``interval``,
+#: A message's heartbeat began (at ``task_received``). Also: ``interval``,
 #: ``visibility_timeout``.
 heartbeat_started = Signal(
     name="sqs_heartbeat_started", providing_args=_COMMON | {"interval", "visibility_timeout"}

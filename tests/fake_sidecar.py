@@ -11,11 +11,13 @@ from typing import Any
 from celery_sqs_heartbeat._errors import Failure
 from celery_sqs_heartbeat._heartbeat import Heartbeat
 from celery_sqs_heartbeat._report import Counters, Reporter
-from celery_sqs_heartbeat._send import Outcome
+from celery_sqs_heartbeat._send import Answer
 from celery_sqs_heartbeat._settings import HeartbeatOptions
 from celery_sqs_heartbeat._sidecar import Sidecar
 
 OPTIONS = HeartbeatOptions(enabled=True, interval=30, visibility_timeout=120, max_duration=None)
+#: More turns than any test's loop needs: a loop that turns without time passing spins.
+MAX_TURNS = 1_000_000
 
 
 class Inline(Executor):
@@ -46,6 +48,8 @@ class World:
         self.calls: list[Call] = []
         #: What SQS answers each entry; by default it accepts everything.
         self.answer: Callable[[str], Failure | None] = lambda handle: None
+        #: Turns of the loop so far.
+        self.turns = 0
         self.sidecar = Sidecar(
             self,  # type: ignore[arg-type]
             Reporter(Counters(), region=lambda: None),
@@ -56,10 +60,10 @@ class World:
             executor=Inline(),
         )
 
-    def send(self, queue_url: str, entries: Sequence[tuple[str, int]]) -> Outcome:
+    def send(self, queue_url: str, entries: Sequence[tuple[str, int]]) -> list[Answer]:
         self.calls.append(Call(self.now, queue_url, list(entries)))
         failures = [self.answer(handle) for handle, _ in entries]
-        return Outcome(failures, ["" if f is None else f.value for f in failures])
+        return [Answer(f, "" if f is None else f.value) for f in failures]
 
     def add(self, rh: str = "rh", queue: str = "q", **changes: Any) -> Heartbeat:
         settled = changes.pop("is_settled", None)
@@ -75,6 +79,8 @@ class World:
         """Let time pass to *to*, the loop turning as the real one would."""
         while True:
             self.check()
+            self.turns += 1
+            assert self.turns < MAX_TURNS, "the loop spins"
             wake = self.sidecar.turn(wait=False)
             if wake == -math.inf:
                 continue

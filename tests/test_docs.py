@@ -63,8 +63,11 @@ ONCE_HELPERS = {"note_once", "_note_once"}
 #: Functions whose returned strings the worker logs as they are (``logger.warning("%s",
 #: line)``), and at which level.
 FORWARDED = {"startup_warnings": "WARNING"}
-#: A %-style placeholder (``%s``, ``%d``, ``%.2f``, ``%g``, ``%r``...).
-PLACEHOLDER = re.compile(r"%[-#0 +]*(?:\d+|\*)?(?:\.\d+)?[sdifgeExXrc]")
+#: Rows of a table of log lines: the call that makes one, and the positions of its level
+#: and message (``_report.ENDINGS``: ``Ending(lost, level, message)``).
+TABLE_ROWS = {"Ending": (1, 2)}
+#: A %-style placeholder (``%s``, ``%d``, ``%.2f``, ``%g``, ``%r``, ``%(task)s``...).
+PLACEHOLDER = re.compile(r"%(?:\(\w+\))?[-#0 +]*(?:\d+|\*)?(?:\.\d+)?[sdifgeExXrc]")
 ELLIPSIS = "…"
 
 
@@ -129,6 +132,10 @@ def _messages_of(tree: ast.AST) -> list[tuple[str, str | None]]:
                 levels, message = [_level(node.args[0]) or "log"], node.args[1]
         elif levels is not None:
             message = node.args[0] if node.args else None
+        elif name in TABLE_ROWS:
+            at_level, at_message = TABLE_ROWS[name]
+            if len(node.args) > at_message:
+                levels, message = [_level(node.args[at_level]) or "log"], node.args[at_message]
         elif name in ONCE_HELPERS:
             keyword = next((k.value for k in node.keywords if k.arg == "message"), None)
             at = next((i for i, a in enumerate(node.args) if _level(a) is not None), None)
@@ -179,6 +186,8 @@ logger.warning("late by %.1f s on %s (%d%%)", x, y, z)
 logger.log(logging.INFO, "said at %g", 1)
 state.note_once("key", logging.WARNING, "slot %s missing", 3)
 logger.warning("%s", line)
+Ending(True, logging.WARNING, "stopped after %(beats)d beats on %(queue)s")
+Ending(lost=False)
 self.log("not a logger")
 def startup_warnings(app):
     return ["no acks_late: " + ", ".join(names) + ". Set it."]
@@ -190,6 +199,7 @@ def startup_warnings(app):
         ("no acks_late: …. Set it.", "WARNING"),
         ("said at …", "INFO"),
         ("slot … missing", "WARNING"),
+        ("stopped after … beats on …", "WARNING"),
     ]
 
 

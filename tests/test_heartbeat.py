@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 
 import pytest
 
 from celery_sqs_heartbeat._errors import Failure
-from celery_sqs_heartbeat._heartbeat import (
-    RECEIPT_ALLOWANCE,
-    Ended,
-    Heartbeat,
-    State,
-    grid,
-)
+from celery_sqs_heartbeat._heartbeat import RECEIPT_ALLOWANCE, Ended, Heartbeat, allowed, grid
 from celery_sqs_heartbeat._settings import MAX_VISIBILITY_SECONDS
+from celery_sqs_heartbeat.testing import wait_for
 
 from .fake_sidecar import OPTIONS, World
 
@@ -89,7 +85,6 @@ def test_never_asks_past_twelve_hours_from_receipt() -> None:
     w.now = 100.0
     hb = w.add()
     limit = 100.0 + MAX_VISIBILITY_SECONDS - RECEIPT_ALLOWANCE
-    assert hb.limit_at == limit
     w.advance(limit + 100)
     for call in w.calls:
         assert call.at + call.entries[0][1] <= limit
@@ -101,9 +96,9 @@ def test_max_duration_counts_from_the_task_start() -> None:
     w = World()
     hb = w.add(max_duration=100)
     w.advance(50)  # waiting: max_duration does not run yet
-    w.sidecar.run("rh")
+    assert w.sidecar.run("rh")
     w.advance(149)
-    assert hb.state is State.RUNNING
+    assert hb.started == 50 and hb.ended is None
     w.advance(200)
     assert hb.ended is Ended.MAX_DURATION and len(w.sidecar) == 0
     assert max(w.beats_of("rh")) < 150
@@ -151,14 +146,20 @@ def test_stop_is_final_and_a_call_in_flight_counts_but_schedules_nothing() -> No
     w = World()
     hb = w.add()
 
+    stoppers: list[threading.Thread] = []
+
     def stop_while_in_flight(handle: str) -> None:
         assert hb.in_flight
         # What a task's postrun does from its own thread while the call is out.
-        hb.end(Ended.TASK_ENDED)
+        stoppers.append(threading.Thread(target=w.sidecar.stop, args=("rh",)))
+        stoppers[0].start()
+        wait_for(lambda: hb.ended is not None, timeout=5, what="the stop")
         return None
 
     w.answer = stop_while_in_flight
     w.advance(FIRST)
+    stoppers[0].join(5)
+    assert not stoppers[0].is_alive(), "stop did not return once the call was answered"
     assert hb.beats == 1
     w.advance(1000)
     assert len(w.calls) == 1
@@ -199,17 +200,17 @@ def test_a_waiting_message_is_beaten_from_its_receipt() -> None:
     w = World()
     hb = w.add()
     w.advance(100)
-    assert hb.state is State.WAITING and len(w.calls) == 3
+    assert hb.started is None and len(w.calls) == 3
     w.sidecar.run("rh")
     w.advance(130)
-    assert hb.state is State.RUNNING and len(w.calls) == 4
+    assert hb.started == 100 and len(w.calls) == 4
 
 
 def test_a_long_extension_postpones_the_regular_beats() -> None:
     w = World()
-    w.add()
+    hb = w.add()
     w.now = 10.0
-    assert w.sidecar.extend("rh", 600)
+    assert w.sidecar.extend(hb, 600)
     # Regular beats resume when 90 s (window - interval) of the 600 s are left.
     w.advance(519)
     assert w.beats_of("rh") == [10.0]
@@ -219,9 +220,9 @@ def test_a_long_extension_postpones_the_regular_beats() -> None:
 
 def test_a_short_extension_is_topped_up_at_once() -> None:
     w = World()
-    w.add()
+    hb = w.add()
     w.now = 10.0
-    assert w.sidecar.extend("rh", 60)
+    assert w.sidecar.extend(hb, 60)
     w.advance(11)
     assert w.beats_of("rh") == [10.0, 10.0]
 
@@ -231,28 +232,30 @@ def test_a_failed_extension_keeps_the_schedule_and_a_final_one_ends_it() -> None
     hb = w.add()
     w.answer = lambda handle: Failure.TRANSIENT
     w.now = 10.0
-    assert not w.sidecar.extend("rh", 600)
-    assert hb.state is State.WAITING and hb.next_due == 30
+    assert not w.sidecar.extend(hb, 600)
+    assert hb.ended is None and hb.next_due == 30
     w.answer = lambda handle: Failure.GONE
-    assert not w.sidecar.extend("rh", 600)
+    assert not w.sidecar.extend(hb, 600)
     assert hb.ended is Ended.GONE and len(w.sidecar) == 0
 
 
 def test_extensions_stop_at_the_12_hour_limit() -> None:
     w = World()
     hb = w.add()
-    w.now = hb.limit_at - 100.4
-    assert w.sidecar.extend("rh", 3600)
+    limit = MAX_VISIBILITY_SECONDS - RECEIPT_ALLOWANCE
+    w.now = limit - 100.4
+    assert w.sidecar.extend(hb, 3600)
     assert w.calls[-1].entries == [("rh", 100)]
-    w.now = hb.limit_at - 0.5
-    assert not w.sidecar.extend("rh", 3600)
+    w.now = limit - 0.5
+    assert not w.sidecar.extend(hb, 3600)
+    assert allowed(3600, w.now, hb.received) is Ended.LIMIT
 
 
 def test_a_new_pace_counts_from_the_last_beat() -> None:
     w = World()
-    w.add()
+    hb = w.add()
     w.advance(FIRST)
-    assert w.sidecar.reconfigure("rh", 10, 40)
+    assert w.sidecar.reconfigure(hb, 10, 40)
     w.advance(FIRST + 10.5)
     assert w.beats_of("rh") == [FIRST, FIRST + 10]
     assert w.calls[-1].entries == [("rh", 40)]

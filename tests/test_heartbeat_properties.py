@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from celery_sqs_heartbeat._errors import Failure
-from celery_sqs_heartbeat._heartbeat import Heartbeat, State
-from celery_sqs_heartbeat._send import Outcome
-from celery_sqs_heartbeat._settings import HeartbeatOptions
+from celery_sqs_heartbeat._heartbeat import RECEIPT_ALLOWANCE, Heartbeat
+from celery_sqs_heartbeat._send import Answer
+from celery_sqs_heartbeat._settings import MAX_VISIBILITY_SECONDS, HeartbeatOptions
 
 from .fake_sidecar import World
 
@@ -58,6 +58,11 @@ answers = st.lists(
 )
 
 
+def limit_at(hb: Heartbeat) -> float:
+    """SQS's 12-hour limit for *hb*'s message, less the receipt allowance."""
+    return hb.received + MAX_VISIBILITY_SECONDS - RECEIPT_ALLOWANCE
+
+
 class Checked(World):
     """Keeps, per message, until when SQS hides it, and every handle ever stopped."""
 
@@ -69,16 +74,16 @@ class Checked(World):
         self.stopped: set[str] = set()
         self.live: dict[str, Heartbeat] = {}
 
-    def send(self, queue_url: str, entries: Sequence[tuple[str, int]]) -> Outcome:
+    def send(self, queue_url: str, entries: Sequence[tuple[str, int]]) -> list[Answer]:
         failures: list[Failure | None] = []
         for rh, seconds in entries:
             assert rh not in self.stopped, "a beat was sent for a stopped heartbeat"
-            assert self.now + seconds <= self.live[rh].limit_at, "asked past 12 hours"
+            assert self.now + seconds <= limit_at(self.live[rh]), "asked past 12 hours"
             reply = None if self.answer_all or not self.replies else self.replies.pop()
             failures.append(reply)
             if reply is None:
                 self.hidden[rh] = max(self.hidden.get(rh, 0.0), self.now + seconds)
-        return Outcome(failures, [""] * len(failures))
+        return [Answer(f) for f in failures]
 
     def check(self) -> None:
         if not self.answer_all:
@@ -86,7 +91,7 @@ class Checked(World):
         for rh, hb in self.live.items():
             # In its last second before SQS's 12-hour limit a message may become visible:
             # SQS takes whole seconds, and asking past the limit is an error.
-            if hb.state is not State.ENDED and self.now < hb.limit_at - 1:
+            if hb.ended is None and self.now < limit_at(hb) - 1:
                 assert self.now <= self.hidden[rh], f"{rh} visible at {self.now}"
 
 
@@ -112,10 +117,10 @@ def _run(operations: list[object], replies: list[Failure | None], *, answer_all:
         elif isinstance(op, Wait):
             w.advance(w.now + op.seconds)
     for hb in list(w.live.values()):
-        if hb.limit_at <= w.now + 200:
+        if limit_at(hb) <= w.now + 200:
             # It ends at its first due beat past the limit.
-            w.advance(hb.limit_at + hb.interval + 1)
-            assert hb.state is State.ENDED, "a heartbeat outlived SQS's 12-hour limit"
+            w.advance(limit_at(hb) + hb.options.interval + 1)
+            assert hb.ended is not None, "a heartbeat outlived SQS's 12-hour limit"
     w.advance(w.now + 200)
 
 

@@ -57,10 +57,12 @@ def begin(
     task_name: str = "",
     task_id: str = "",
     now: float | None = None,
-) -> None:
+) -> Heartbeat:
     """What task_received does: a heartbeat from the message's receipt."""
     received = time.monotonic() if now is None else now
-    assert sidecar.add(Heartbeat(rh, queue, options, received, task_name, task_id))
+    hb = Heartbeat(rh, queue, options, received, task_name, task_id)
+    assert sidecar.add(hb)
+    return hb
 
 
 def expect_beat(stubber: Stubber, rh: str = "rh-1", timeout: int = 5) -> None:
@@ -99,7 +101,7 @@ def test_throttling_is_retried_and_logged_once(
 
     begin(sidecar, "rh-1", QUEUE, FAST, task_name="t", task_id="id")
     wait_for(lambda: len(stubber._queue) <= spare, timeout=10, what="the stubbed calls")
-    assert sidecar.stop("rh-1") is not None
+    assert sidecar.stop("rh-1")
 
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len([r for r in warnings if "RequestThrottled" in r.getMessage()]) == 1
@@ -237,7 +239,7 @@ def test_an_unexpected_error_never_escapes(
     begin(sidecar, "rh", QUEUE, FAST)
     wait_for(lambda: any(r.exc_info for r in caplog.records), timeout=5, what="a traceback")
     assert sidecar.running
-    assert sidecar.stop("rh") is not None
+    assert sidecar.stop("rh")
 
 
 def test_signals_and_stats_follow_each_event(
@@ -309,15 +311,15 @@ def test_a_manual_extension_never_raises_into_the_task(
     )
     stubber.add_client_error("change_message_visibility", "AccessDenied", "no", 403)
     sidecar = start(sidecars, client)
-    begin(sidecar, "rh-1", QUEUE, SLOW, "t", "id")
+    hb = begin(sidecar, "rh-1", QUEUE, SLOW, "t", "id")
 
     with caplog.at_level(logging.WARNING, logger="celery_sqs_heartbeat"):
-        assert sidecar.extend("rh-1", 600) is False
-        assert sidecar.extend("rh-1", 600) is True
-        assert sidecar.extend("rh-1", 600) is False
+        assert sidecar.extend(hb, 600) is False
+        assert sidecar.extend(hb, 600) is True
+        assert sidecar.extend(hb, 600) is False
 
     assert sidecar.get("rh-1") is None  # denied ends it
-    assert sidecar.extend("rh-1", 600) is False  # and nothing more is sent
+    assert sidecar.extend(hb, 600) is False  # and nothing more is sent
     stats = sidecar.stats()
     assert stats.beats_sent == 1 and stats.failures == {"transient": 1, "denied": 1}
     assert "Extension of task t[id]" in caplog.text
@@ -337,8 +339,10 @@ def test_calls_go_out_on_a_few_named_daemon_threads(sidecars: list[Sidecar]) -> 
     for i in range(3 * MAX_CALLS):  # one queue each: one request each
         begin(sidecar, f"rh{i}", f"{QUEUE}-{i}", FAST)
     wait_for(
-        lambda: sum(t.name.startswith(f"{THREAD_NAME}-send") for t in threading.enumerate())
-        == MAX_CALLS,
+        lambda: (
+            sum(t.name.startswith(f"{THREAD_NAME}-send") for t in threading.enumerate())
+            == MAX_CALLS
+        ),
         timeout=5,
         what="the executor's threads",
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -31,8 +32,36 @@ def app() -> Iterator[Celery]:
     celery_sqs_heartbeat.uninstall()
 
 
+class Stand(SimpleNamespace):
+    """A stand-in for one of Celery's objects, with only the attributes a handler reads."""
+
+    __hash__ = object.__hash__  # Celery's signals cache receivers by sender
+
+
+def start_worker(app: Celery, pool: str = "threads") -> None:
+    """What a worker's start sends: ``worker_init`` from its main process."""
+    worker = Stand(app=app, pool_cls=pool, concurrency=1, options={})
+    signals.worker_init.send(sender=worker)
+
+
+def receive(task: Any, receipt_handle: str) -> dict[str, Any]:
+    """What the worker's consumer sends for each message: ``task_received``; returns
+    Celery's request dict for the message."""
+    message = Stand(
+        delivery_tag=receipt_handle, delivery_info={"sqs_queue": QUEUE}, acknowledged=False
+    )
+    request_dict: dict[str, Any] = {}
+    request = SimpleNamespace(
+        task=task, message=message, id=receipt_handle, request_dict=request_dict
+    )
+    signals.task_received.send(sender=None, request=request)
+    return request_dict
+
+
 def run_through_signals(task: Any, receipt_handle: str) -> None:
-    """What the worker's tracer does around a task: prerun, the task, postrun."""
+    """What a worker does with a message: receive it, then the tracer's prerun, the
+    task, postrun."""
+    receive(task, receipt_handle)
     task.push_request(
         id=receipt_handle,
         is_eager=False,
@@ -50,11 +79,12 @@ def heartbeat_threads() -> int:
 
 
 def test_ten_thousand_short_tasks_leave_nothing_behind(app: Celery) -> None:
-    """Tasks seen first at prerun (a worker started from Python with ``install``) are
-    beaten from then on and forgotten at postrun."""
+    """Each message is beaten from its receipt and forgotten at its task's postrun."""
+
     @app.task(name="signals.short")
     def short() -> None: ...
 
+    start_worker(app)
     run_through_signals(short, "warm-up")
     sidecar = _worker.current_sidecar()
     assert sidecar is not None and len(sidecar) == 0
@@ -71,6 +101,8 @@ def test_a_running_task_has_a_heartbeat_until_postrun(app: Celery) -> None:
     @app.task(name="signals.observed")
     def observed() -> None: ...
 
+    start_worker(app)
+    receive(observed, "rh-x")
     observed.push_request(
         id="t1",
         is_eager=False,
@@ -99,6 +131,7 @@ def test_eager_tasks_run_without_heartbeat_or_noise(
     def eager(x: int) -> int:
         return x * 2
 
+    start_worker(app)
     assert eager.delay(2).get() == 4
     assert eager.apply(args=(3,)).get() == 6
     assert not [r for r in caplog.records if r.levelno > logging.INFO]
@@ -138,6 +171,7 @@ def test_handlers_never_raise_into_celery(app: Celery, caplog: pytest.LogCapture
         def task(self) -> Any:
             raise RuntimeError("no task here")
 
+    start_worker(app)
     for _ in range(3):
         signals.task_received.send(sender=None, request=Broken())
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
@@ -148,11 +182,13 @@ def test_handlers_never_raise_into_celery(app: Celery, caplog: pytest.LogCapture
 def test_the_solo_pools_worker_process_init_keeps_the_task_handlers(app: Celery) -> None:
     """The solo pool sends worker_process_init in the worker's own process: that process
     is no prefork pool child, and postrun must still stop the heartbeat at once."""
-    signals.worker_process_init.send(sender=None)
 
     @app.task(name="signals.solo")
     def solo() -> None: ...
 
+    start_worker(app, pool="solo")
+    signals.worker_process_init.send(sender=None)
+    receive(solo, "rh-solo")
     solo.push_request(
         id="t1",
         is_eager=False,
@@ -166,3 +202,36 @@ def test_the_solo_pools_worker_process_init_keeps_the_task_handlers(app: Celery)
         assert len(sidecar) == 0
     finally:
         solo.pop_request()
+
+
+def test_a_prefork_child_keeps_one_handle_for_its_task(app: Celery) -> None:
+    """In a pool child, ``current()`` is the same handle for the whole task, and SQS's
+    12-hour limit counts from the message's receipt in the main process."""
+
+    @app.task(name="signals.child")
+    def child() -> None: ...
+
+    start_worker(app, pool="prefork")
+    main = _worker._role
+    assert isinstance(main, _worker.Main) and main.slots is not None
+    stamped = receive(child, "rh-child")  # in the main process
+    assert stamped[_worker.RECEIVED] > 0
+    _worker._role = _worker.Child(main, main.slots, 0)  # what worker_process_init makes
+    child.push_request(
+        id="t1",
+        is_eager=False,
+        properties={"delivery_tag": "rh-child", "delivery_info": {"sqs_queue": QUEUE}},
+        **stamped,
+    )
+    try:
+        signals.task_prerun.send(sender=child, task_id="t1", task=child)
+        handle = _worker.current(child)
+        assert handle is not None
+        assert handle.configure(interval=10, visibility_timeout=60)
+        assert (handle.interval, handle.visibility_timeout) == (10, 60)
+        assert _worker.current(child) is handle
+        assert handle._control.heartbeat.received == stamped[_worker.RECEIVED]
+        signals.task_postrun.send(sender=child, task_id="t1", task=child)
+        assert _worker.current(child) is None
+    finally:
+        child.pop_request()

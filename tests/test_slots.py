@@ -3,139 +3,218 @@ makes of it before each beat. The child's side runs in a real forked process."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
-from celery_sqs_heartbeat._heartbeat import STOP_WAIT, Ended, Heartbeat, State
-from celery_sqs_heartbeat._settings import HeartbeatOptions
-from celery_sqs_heartbeat._slots import Slots
+from celery_sqs_heartbeat import _slots
+from celery_sqs_heartbeat._heartbeat import STOP_WAIT, Ended
+from celery_sqs_heartbeat._slots import Slots, key_of
 from celery_sqs_heartbeat.testing import wait_for
+
+from .fake_sidecar import World
 
 pytestmark = pytest.mark.timeout(30)
 
-OPTIONS = HeartbeatOptions(enabled=True, interval=1.0, visibility_timeout=10, max_duration=None)
+RH = key_of("rh")
+#: What a step that waits for nothing takes at most, on a busy machine.
+NO_WAIT = 0.05
 
 
-def heartbeat(rh: str = "rh") -> Heartbeat:
-    return Heartbeat(rh, "q", OPTIONS, time.monotonic() - 5)
+def slots_of(capacity: int) -> Slots:
+    """Slots whose pool processes are all this one (each test plays both sides)."""
+    slots = Slots(capacity)
+    for index in range(capacity):
+        slots.attach(index, os.getpid())
+    return slots
 
 
-def in_child(*steps: object) -> None:
-    """Run *steps* (callables) in a forked child, and wait for it to exit."""
+def in_child(*steps: Callable[[], object]) -> None:
+    """Run *steps* in a forked child, and wait for it to exit."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
             for step in steps:
-                step()  # type: ignore[operator]
+                step()
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
 
 
 def test_a_task_not_yet_started_is_beaten_unfenced() -> None:
-    slots = Slots(2)
-    hb = heartbeat()
-    assert slots.begin(hb, time.monotonic())
-    assert hb.slot is None and hb.state is State.WAITING
+    assert slots_of(2).begin(RH, None) is None
 
 
 def test_a_running_task_is_fenced_and_its_end_is_final() -> None:
     """Postrun waits for the beat in flight; after it, no beat begins."""
-    slots = Slots(2)
-    slots.started(1, "rh", os.getpid())  # as the child with index 1 would, at prerun
-    hb = heartbeat()
-    assert slots.begin(hb, time.monotonic())
-    assert hb.slot == 1 and hb.state is State.RUNNING
+    slots = slots_of(2)
+    slots.started(1, RH)  # as the child with index 1 would, at prerun
+    view = slots.begin(RH, None)
+    assert view is not None and view.index == 1 and view.running and view.fenced
 
     ended = threading.Event()
     postrun = threading.Thread(target=lambda: (slots.ended(1), ended.set()))
     postrun.start()
     assert not ended.wait(STOP_WAIT / 3), "postrun returned while a beat was in flight"
-    slots.finish(hb)
+    slots.finish(1)
     assert ended.wait(5)
     postrun.join()
 
-    assert not slots.begin(hb, time.monotonic())
-    assert hb.ended is Ended.TASK_ENDED
+    view = slots.begin(RH, 1)
+    assert view is not None and not view.running and not view.fenced
 
 
 def test_postrun_does_not_wait_for_ever_on_a_stalled_beat() -> None:
-    slots = Slots(1)
-    slots.started(0, "rh", os.getpid())
-    assert slots.begin(heartbeat(), time.monotonic())
+    slots = slots_of(1)
+    slots.started(0, RH)
+    assert slots.begin(RH, None) is not None
     began = time.monotonic()
     slots.ended(0)
     assert STOP_WAIT <= time.monotonic() - began < STOP_WAIT + 0.2
 
 
 def test_the_next_task_in_the_slot_ends_the_previous_ones_heartbeat() -> None:
-    slots = Slots(1)
-    slots.started(0, "first", os.getpid())
+    slots = slots_of(1)
+    first, second = key_of("first"), key_of("second")
+    slots.started(0, first)
     slots.ended(0)
-    slots.started(0, "second", os.getpid())
-    first, second = heartbeat("first"), heartbeat("second")
-    assert not slots.begin(first, time.monotonic()) and first.ended is Ended.TASK_ENDED
-    assert slots.begin(second, time.monotonic()) and second.state is State.RUNNING
+    slots.started(0, second)
+    old, new = slots.begin(first, None), slots.begin(second, None)
+    assert old is not None and not old.running
+    assert new is not None and new.running
 
 
 def test_a_child_written_slot_is_read_by_the_parent() -> None:
     """The mapping and the lock really are shared across the fork."""
-    slots = Slots(2)
-    in_child(lambda: slots.started(0, "rh", os.getpid()))
-    hb = heartbeat()
+    slots = slots_of(2)
+    in_child(lambda: slots.attach(0, os.getpid()), lambda: slots.started(0, RH))
     # The child that wrote the slot has exited: its process is gone.
-    assert not slots.begin(hb, time.monotonic())
-    assert hb.ended is Ended.SETTLED
+    view = slots.begin(RH, None)
+    assert view is not None and view.running and not view.alive and not view.fenced
 
 
 def test_a_dead_pool_process_ends_the_heartbeat_before_it_is_reaped() -> None:
-    slots = Slots(1)
+    slots = slots_of(1)
     go = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
-        slots.started(0, "rh", os.getpid())
+        slots.attach(0, os.getpid())
+        slots.started(0, RH)
         os.write(go[1], b"x")
         time.sleep(0.3)
         os._exit(0)
     os.read(go[0], 1)
-    hb = heartbeat()
-    assert slots.begin(hb, time.monotonic())
-    slots.finish(hb)
+    w = World(fence=slots)
+    hb = w.add(interval=0.5, visibility_timeout=2)
     # Dead but not reaped yet (a zombie): the main process must see it gone at once.
-    wait_for(lambda: not slots.begin(hb, time.monotonic()), timeout=5, what="the death")
+    wait_for(lambda: (w.advance(w.now + 0.5), hb.ended)[1] is not None, timeout=5, what="the death")
     assert hb.ended is Ended.SETTLED
     os.waitpid(pid, 0)
 
 
 def test_a_task_sets_its_own_pace_and_extension_through_its_slot() -> None:
-    slots = Slots(1)
-    slots.started(0, "rh", os.getpid())
+    slots = slots_of(1)
+    w = World(fence=slots)
+    hb = w.add(interval=1.0, visibility_timeout=10)
+    slots.started(0, RH)
     slots.configure(0, 5.0, 60)
-    hb = heartbeat()
-    now = time.monotonic()
-    assert slots.begin(hb, now)
-    slots.finish(hb)
-    assert (hb.interval, hb.visibility_timeout) == (5.0, 60)
+    w.advance(1.0)  # the first beat is due at 1: the new pace puts it off to 5
+    assert (hb.options.interval, hb.options.visibility_timeout) == (5.0, 60)
+    w.advance(5.0)
+    assert [(c.at, c.entries) for c in w.calls] == [(5.0, [("rh", 60)])]
 
     with slots.extending(0):
-        assert not slots.begin(hb, now + 100), "a regular beat during the task's extension"
-    slots.extended(0, now, 600)
-    assert not slots.begin(hb, now + 100)  # the next regular beat is 600 - 55 s away
-    assert now + 545 - hb.step < hb.next_due <= now + 545
+        w.advance(12.0)  # its next beat is due at 10: held while the task extends
+        assert len(w.calls) == 1, "a regular beat during the task's extension"
+    slots.extended(0, 12.0, 600)
+    w.advance(550)
+    # The next regular beat comes when 55 s (window - interval) of the 600 s are left.
+    assert len(w.calls) == 1
+    w.advance(560)
+    assert [c.at for c in w.calls] == [5.0, 557.0]
+
+
+def test_a_beat_held_for_the_tasks_own_extension_does_not_spin_the_loop() -> None:
+    """While the task sends its own extension, the due beat waits a grid step at a time:
+    the loop sleeps in between instead of turning again at once."""
+    slots = slots_of(1)
+    w = World(fence=slots)
+    w.add("rh", interval=1.0, visibility_timeout=4)
+    slots.started(0, RH)
+    with slots.extending(0):
+        w.advance(3.0)  # due at 1, held for two seconds of the task's slow call
+    # A turn per grid step (1/8 s) held, and a few around the due time; not thousands.
+    assert w.turns < 40, w.turns
+    assert w.calls == []
+    w.advance(3.2)
+    assert [c.entries for c in w.calls] == [[("rh", 4)]]
 
 
 def test_a_beat_put_off_by_its_task_is_still_sent_later() -> None:
     """The loop wakes for a beat whose task, through its slot, set a slower pace."""
-    from .fake_sidecar import World
-
-    slots = Slots(1)
+    slots = slots_of(1)
     w = World(fence=slots)
     w.add("rh", interval=0.5, visibility_timeout=2)
-    slots.started(0, "rh", os.getpid())
+    slots.started(0, RH)
     slots.configure(0, 1.5, 4)
     w.advance(5)
     assert [c.entries for c in w.calls][:2] == [[("rh", 4)], [("rh", 4)]]
     assert w.calls[0].at == pytest.approx(1.5, abs=0.05)
+
+
+def _killed_inside_a_write(lock_holder: Callable[[], None]) -> None:
+    """Fork a child that pauses inside its slot's write (the lock held) and SIGKILL it
+    there, at the worst instant."""
+    paused = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        _slots.pause_in_write = lambda: (os.write(paused[1], b"x"), time.sleep(60))
+        lock_holder()
+        os._exit(0)
+    os.read(paused[0], 1)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def test_a_child_killed_inside_its_slots_write_jams_nothing() -> None:
+    """SIGKILL in the middle of prerun's stores: the slot's next task starts and stops
+    with no wait, and its beats are on time."""
+    slots = slots_of(1)
+    _killed_inside_a_write(lambda: slots.started(0, key_of("killed")))
+
+    began = time.monotonic()
+    slots.attach(0, os.getpid())  # the replacement child starts
+    slots.started(0, RH)  # and runs its first task
+    assert time.monotonic() - began < NO_WAIT
+
+    w = World(fence=slots)
+    w.add("rh", interval=1.0, visibility_timeout=4)
+    began = time.monotonic()
+    w.advance(3.0)
+    assert time.monotonic() - began < NO_WAIT
+    assert [c.at for c in w.calls] == [1.0, 2.0, 3.0]  # every beat on time
+
+    began = time.monotonic()
+    slots.ended(0)
+    assert time.monotonic() - began < NO_WAIT
+
+
+def test_twin_a_plain_process_shared_lock_stays_held_by_a_killed_child() -> None:
+    """The twin: the lock the channel used before (a semaphore of multiprocessing) is kept
+    for good by a holder killed at the same instant, so every later step waited."""
+    lock = multiprocessing.get_context("fork").Lock()
+
+    def hold() -> None:
+        with lock:
+            assert _slots.pause_in_write is not None
+            _slots.pause_in_write()
+
+    _killed_inside_a_write(hold)
+    began = time.monotonic()
+    assert not lock.acquire(timeout=0.5), "the killed child's lock was released"
+    assert time.monotonic() - began >= 0.5
