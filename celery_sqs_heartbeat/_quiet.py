@@ -6,8 +6,8 @@ heartbeat's threads run outside any (up to 120 of them per task-hour at the defa
 interval). :func:`quiet` wraps each call the heartbeat makes in OpenTelemetry's own
 suppression, the context keys every OpenTelemetry instrumentation checks before it makes
 a span: ``suppress_instrumentation`` (botocore's, and all others') and
-``suppress_http_instrumentation`` (urllib3's and requests', which would otherwise record
-the HTTP request under a suppressed botocore call).
+``suppress_http_instrumentation`` (urllib3's, the HTTP library under botocore, which
+would otherwise record the request of a suppressed botocore call).
 
 A call made inside a span, which only a task's own ``extend()`` can be (the heartbeat's
 threads never carry one), is left alone: it is the task's work, on the task's time, and
