@@ -55,16 +55,17 @@ def quiet() -> contextlib.AbstractContextManager[Any]:
     if otel is None:
         return _NOTHING
     suppressions, in_span = otel
+    stack = contextlib.ExitStack()
     try:
         if in_span():
             return _NOTHING
-        stack = contextlib.ExitStack()
         for suppress in suppressions:
             stack.enter_context(suppress())
-        return stack
     except Exception:
+        stack.close()  # leaves no half-entered suppression attached to this thread
         logger.debug("celery-sqs-heartbeat: OpenTelemetry's suppression failed", exc_info=True)
         return _NOTHING
+    return stack
 
 
 def quietly(func: Callable[P, R]) -> Callable[P, R]:

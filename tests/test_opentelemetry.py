@@ -146,9 +146,13 @@ def test_the_suppression_never_raises(
     def broken() -> Any:
         raise RuntimeError("an OpenTelemetry that changed")
 
-    monkeypatch.setattr(_quiet, "_otel", ((broken,), lambda: False))
+    from opentelemetry import context
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    before = context.get_current()
+    monkeypatch.setattr(_quiet, "_otel", ((suppress_instrumentation, broken), lambda: False))
     with _quiet.quiet():
-        pass
+        assert context.get_current() == before  # the first one undone, not left attached
     monkeypatch.setattr(_quiet, "_otel", ((), broken))
     with _quiet.quiet():
         pass
