@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._errors import Failure, classify_batch_entry, classify_exception, describe, is_unsupported
+from ._quiet import quietly
 
 logger = logging.getLogger("celery_sqs_heartbeat")
 
@@ -49,6 +50,7 @@ class Sender:
         #: Endpoints that answered the batch action with "unsupported".
         self._no_batch: set[str] = set()
 
+    @quietly  # no OpenTelemetry span for the heartbeat's own calls (_quiet.py)
     def send(self, queue_url: str, entries: Sequence[tuple[str, int]]) -> list[Answer]:
         """Ask SQS to keep each (receipt handle, seconds) of *queue_url* hidden; one
         answer per entry, in order."""
