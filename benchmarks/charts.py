@@ -37,10 +37,10 @@ WRAP = 120
 LATENESS_P99_TARGET_MS = 1000
 #: What the overhead arms are called in the chart, by their key in the results.
 ARM_LABELS = {
-    "heartbeat": "this package\n(task in the sidecar's process)",
-    "own": "… of which its two handlers",
-    "child": "this package\n(task in a prefork pool child)",
-    "dispatch": "Celery's dispatch alone\n(two empty receivers)",
+    "heartbeat": "this package\n(threads worker: 3 handlers)",
+    "own": "… of which its three handlers",
+    "child": "this package\n(prefork pool child: 2 handlers)",
+    "dispatch": "Celery's dispatch alone\n(three empty receivers)",
     "naive": "a thread per task\n(hand-written)",
 }
 #: Where :func:`draw` writes, relative to docs/, for the Markdown it returns.

@@ -197,8 +197,9 @@ class Slots:
         """``task_prerun`` of message *key*'s task in the child using slot *index*."""
         # The per-task path: the lock by hand, not through a generator-based context
         # manager, which would cost more than the stores themselves.
-        slot = self._table[index]
-        self._lock(index)
+        slot, mutex = self._table[index], self._mutexes[index]
+        if self._lock_fn(mutex) == errno.EOWNERDEAD:
+            self._libc.pthread_mutex_consistent(mutex)
         try:
             slot.previous = slot.key
             slot.key = key
@@ -207,17 +208,18 @@ class Slots:
             slot.state = _RUNNING
             slot.started = time.monotonic()
         finally:
-            self._unlock(index)
+            self._unlock_fn(mutex)
 
     def ended(self, index: int) -> None:
         """``task_postrun``: no beat is sent for the task once this returns."""
-        slot = self._table[index]
-        self._lock(index)
+        slot, mutex = self._table[index], self._mutexes[index]
+        if self._lock_fn(mutex) == errno.EOWNERDEAD:
+            self._libc.pthread_mutex_consistent(mutex)
         try:
             slot.state = _ENDED
             busy = slot.in_flight > 0
         finally:
-            self._unlock(index)
+            self._unlock_fn(mutex)
         if busy:
             _wait_idle(slot)
 
