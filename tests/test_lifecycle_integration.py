@@ -11,12 +11,13 @@ import os
 import signal
 import time
 
+import celery
 import pytest
 
 from celery_sqs_heartbeat.testing import wait_for
 
 from .conftest import RECEIVE_SLACK, Scenario
-from .test_worker_integration import QUEUE_TIMEOUT, TASK_SECONDS, beats_for
+from .test_worker_integration import QUEUE_TIMEOUT, TASK_SECONDS, beats_for, timeouts
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -83,6 +84,106 @@ def test_cold_shutdown_exits_at_once_and_the_message_comes_back(scenario: Scenar
     starts = scenario.wait_starts(task_id, 2, timeout=COMES_BACK + 30)
     assert starts[1].worker == second.name
     assert starts[1].at - quit_at <= COMES_BACK + 10  # includes the second worker's start
+
+
+#: The soft-shutdown test's window: far longer than the test waits for the message, so a
+#: beat landing after kombu's hand-back would keep it hidden past the test's bound.
+SOFT_VISIBILITY = 30
+#: How long Celery's soft shutdown lets running tasks go on before cancelling them.
+SOFT_TIMEOUT = 2
+#: From the draining worker's exit to the spare worker's start of the cancelled task.
+BACK_WITHIN = 8
+
+
+SOFT_SHUTDOWN = pytest.mark.skipif(
+    celery.VERSION < (5, 5), reason="worker_soft_shutdown_timeout: Celery 5.5+"
+)
+
+
+@SOFT_SHUTDOWN
+def test_soft_shutdown_hands_the_cancelled_task_back(scenario: Scenario) -> None:
+    """The recipe for a deploy with long tasks: ``REMAP_SIGTERM=SIGQUIT`` and
+    ``worker_soft_shutdown_timeout``. SIGTERM gives the running task the soft timeout,
+    then Celery cancels it unacknowledged: its message is back on a spare worker within
+    seconds of the exit (not after the heartbeat's 30 s window, nor the queue's), and no
+    beat lands after kombu hands it back."""
+    conf = scenario.config(
+        queue_timeout=60,
+        heartbeat=True,
+        interval=1,
+        visibility=SOFT_VISIBILITY,
+        worker_soft_shutdown_timeout=SOFT_TIMEOUT,
+    )
+    draining = scenario.worker(conf, pool="prefork", env={"REMAP_SIGTERM": "SIGQUIT"})
+    draining.wait_ready(60)
+    task_id = scenario.send(conf, "sleep", 120)
+    (start,) = scenario.wait_starts(task_id, 1, timeout=20)
+    wait_for(
+        lambda: len(beats_for(scenario, start.receipt_handle, SOFT_VISIBILITY)) >= 2,
+        timeout=10,
+        what="two beats",
+    )
+    (spare,) = scenario.start_workers(conf, 1, pool="prefork")
+
+    assert draining.process is not None
+    draining.process.send_signal(signal.SIGTERM)
+    draining.wait(SOFT_TIMEOUT + 20)
+    exited_at = time.time()
+
+    starts = scenario.wait_starts(task_id, 2, timeout=BACK_WITHIN + 10)
+    assert starts[1].worker == spare.name
+    assert starts[1].at - exited_at <= BACK_WITHIN
+    assert [r.event for r in scenario.runs(task_id) if r.worker == draining.name] == ["start"]
+    beats = beats_for(scenario, start.receipt_handle, SOFT_VISIBILITY)
+    assert not [b for b in beats if b > exited_at], "a beat after the worker exited"
+    handed_back = [
+        r.at
+        for r in scenario.sqs.visibility_changes([start.receipt_handle])
+        if r.status == 200 and timeouts(r) == {0}
+    ]
+    assert not [b for b in beats if handed_back and b > min(handed_back)], (beats, handed_back)
+
+
+@SOFT_SHUTDOWN
+def test_soft_shutdown_cannot_cancel_a_threads_task_and_the_kill_brings_it_back(
+    scenario: Scenario,
+) -> None:
+    """In the threads pool Celery's cold shutdown cannot cancel a running task (the pool
+    has no ``kill_job``: Celery logs an unrecoverable error), so the worker keeps it, and
+    its heartbeat, until the task ends or the orchestrator kills the worker. After that
+    SIGKILL the message is back on a spare worker within one window."""
+    conf = scenario.config(
+        queue_timeout=60,
+        heartbeat=True,
+        interval=INTERVAL,
+        visibility=VISIBILITY,
+        worker_soft_shutdown_timeout=SOFT_TIMEOUT,
+    )
+    draining = scenario.worker(conf, pool="threads", env={"REMAP_SIGTERM": "SIGQUIT"})
+    draining.wait_ready(60)
+    task_id = scenario.send(conf, "sleep", 120)
+    (start,) = scenario.wait_starts(task_id, 1, timeout=20)
+    (spare,) = scenario.start_workers(conf, 1, pool="threads")
+
+    assert draining.process is not None
+    draining.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: "kill_job" in draining.log(), timeout=SOFT_TIMEOUT + 10, what="the error")
+    cancelled_at = time.time()
+    wait_for(
+        lambda: any(
+            b > cancelled_at + 2 * INTERVAL
+            for b in beats_for(scenario, start.receipt_handle, VISIBILITY)
+        ),
+        timeout=10,
+        what="beats after the failed cancel",
+    )
+    assert draining.process.poll() is None, "the worker exited with its task still running"
+    draining.kill()  # the orchestrator's SIGKILL after its grace period
+    killed_at = time.time()
+
+    starts = scenario.wait_starts(task_id, 2, timeout=COMES_BACK + 10)
+    assert starts[1].worker == spare.name
+    assert starts[1].at - killed_at <= COMES_BACK
 
 
 @pytest.mark.parametrize("reject_on_worker_lost", [False, True])
