@@ -330,3 +330,16 @@ def stubbed() -> Iterator[tuple[Any, Stubber]]:
     )
     with Stubber(client) as stubber:
         yield client, stubber
+
+
+def hold_messages(client: Any, prefix: str, n: int = 2) -> tuple[str, list[str]]:
+    """A fresh queue named after *prefix* with *n* messages received (in flight): its URL
+    and their receipt handles."""
+    url = client.create_queue(QueueName=f"{prefix}{uuid.uuid4().hex[:10]}")["QueueUrl"]
+    for i in range(n):
+        client.send_message(QueueUrl=url, MessageBody=str(i))
+    handles: list[str] = []
+    while len(handles) < n:
+        got = client.receive_message(QueueUrl=url, MaxNumberOfMessages=n, WaitTimeSeconds=1)
+        handles += [m["ReceiptHandle"] for m in got.get("Messages", [])]
+    return url, handles

@@ -10,13 +10,14 @@ import json
 import os
 import signal
 import time
+from typing import Any
 
 import celery
 import pytest
 
-from celery_sqs_heartbeat.testing import wait_for
+from celery_sqs_heartbeat.testing import WorkerProcess, wait_for
 
-from .conftest import RECEIVE_SLACK, Scenario
+from .conftest import RECEIVE_SLACK, Run, Scenario
 from .test_worker_integration import QUEUE_TIMEOUT, TASK_SECONDS, beats_for, timeouts
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -100,6 +101,25 @@ SOFT_SHUTDOWN = pytest.mark.skipif(
 )
 
 
+def start_soft_shutdown(
+    scenario: Scenario, pool: str, interval: float, visibility: int
+) -> tuple[dict[str, Any], WorkerProcess, str, Run]:
+    """A worker set up for a soft shutdown as fleets run it, with a long task running;
+    its settings, the worker, the task's id and its start."""
+    conf = scenario.config(
+        queue_timeout=60,
+        heartbeat=True,
+        interval=interval,
+        visibility=visibility,
+        worker_soft_shutdown_timeout=SOFT_TIMEOUT,
+    )
+    draining = scenario.worker(conf, pool=pool, env={"REMAP_SIGTERM": "SIGQUIT"})
+    draining.wait_ready(60)
+    task_id = scenario.send(conf, "sleep", 120)
+    (start,) = scenario.wait_starts(task_id, 1, timeout=20)
+    return conf, draining, task_id, start
+
+
 @SOFT_SHUTDOWN
 def test_soft_shutdown_hands_the_cancelled_task_back(scenario: Scenario) -> None:
     """The recipe for a deploy with long tasks: ``REMAP_SIGTERM=SIGQUIT`` and
@@ -107,17 +127,7 @@ def test_soft_shutdown_hands_the_cancelled_task_back(scenario: Scenario) -> None
     then Celery cancels it unacknowledged: its message is back on a spare worker within
     seconds of the exit (not after the heartbeat's 30 s window, nor the queue's), and no
     beat lands after kombu hands it back."""
-    conf = scenario.config(
-        queue_timeout=60,
-        heartbeat=True,
-        interval=1,
-        visibility=SOFT_VISIBILITY,
-        worker_soft_shutdown_timeout=SOFT_TIMEOUT,
-    )
-    draining = scenario.worker(conf, pool="prefork", env={"REMAP_SIGTERM": "SIGQUIT"})
-    draining.wait_ready(60)
-    task_id = scenario.send(conf, "sleep", 120)
-    (start,) = scenario.wait_starts(task_id, 1, timeout=20)
+    conf, draining, task_id, start = start_soft_shutdown(scenario, "prefork", 1, SOFT_VISIBILITY)
     wait_for(
         lambda: len(beats_for(scenario, start.receipt_handle, SOFT_VISIBILITY)) >= 2,
         timeout=10,
@@ -152,17 +162,7 @@ def test_soft_shutdown_cannot_cancel_a_threads_task_and_the_kill_brings_it_back(
     has no ``kill_job``: Celery logs an unrecoverable error), so the worker keeps it, and
     its heartbeat, until the task ends or the orchestrator kills the worker. After that
     SIGKILL the message is back on a spare worker within one window."""
-    conf = scenario.config(
-        queue_timeout=60,
-        heartbeat=True,
-        interval=INTERVAL,
-        visibility=VISIBILITY,
-        worker_soft_shutdown_timeout=SOFT_TIMEOUT,
-    )
-    draining = scenario.worker(conf, pool="threads", env={"REMAP_SIGTERM": "SIGQUIT"})
-    draining.wait_ready(60)
-    task_id = scenario.send(conf, "sleep", 120)
-    (start,) = scenario.wait_starts(task_id, 1, timeout=20)
+    conf, draining, task_id, start = start_soft_shutdown(scenario, "threads", INTERVAL, VISIBILITY)
     (spare,) = scenario.start_workers(conf, 1, pool="threads")
 
     assert draining.process is not None

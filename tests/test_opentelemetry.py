@@ -12,7 +12,6 @@ import contextlib
 import json
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,7 +34,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 from celery_sqs_heartbeat import _quiet
 from celery_sqs_heartbeat._send import Sender
 
-from .conftest import SQS, Scenario
+from .conftest import SQS, Scenario, hold_messages
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,13 +60,7 @@ def tracing() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
 def held(sqs: SQS, tracing: tuple[TracerProvider, InMemorySpanExporter]) -> Iterator[Any]:
     """A client, a fresh queue and two received messages; no span recorded yet."""
     client = sqs.client()
-    url = client.create_queue(QueueName=f"otel{uuid.uuid4().hex[:10]}")["QueueUrl"]
-    for body in ("a", "b"):
-        client.send_message(QueueUrl=url, MessageBody=body)
-    handles: list[str] = []
-    while len(handles) < 2:
-        got = client.receive_message(QueueUrl=url, MaxNumberOfMessages=2, WaitTimeSeconds=1)
-        handles += [m["ReceiptHandle"] for m in got.get("Messages", [])]
+    url, handles = hold_messages(client, "otel")
     tracing[1].clear()
     yield client, url, handles
     client.delete_queue(QueueUrl=url)

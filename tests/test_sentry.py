@@ -15,7 +15,6 @@ own ``extend()`` is, like any SQS call the task makes, a span of its transaction
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -30,7 +29,7 @@ from sentry_sdk.transport import Transport  # noqa: E402
 
 from celery_sqs_heartbeat._send import Sender  # noqa: E402
 
-from .conftest import SQS  # noqa: E402
+from .conftest import SQS, hold_messages  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -74,13 +73,7 @@ def recorder() -> Iterator[Recorder]:
 @pytest.fixture
 def held(sqs: SQS) -> Iterator[tuple[Any, str, list[str]]]:
     client = sqs.client()
-    url = client.create_queue(QueueName=f"sentry{uuid.uuid4().hex[:10]}")["QueueUrl"]
-    for body in ("a", "b"):
-        client.send_message(QueueUrl=url, MessageBody=body)
-    handles: list[str] = []
-    while len(handles) < 2:
-        got = client.receive_message(QueueUrl=url, MaxNumberOfMessages=2, WaitTimeSeconds=1)
-        handles += [m["ReceiptHandle"] for m in got.get("Messages", [])]
+    url, handles = hold_messages(client, "sentry")
     yield client, url, handles
     client.delete_queue(QueueUrl=url)
 
