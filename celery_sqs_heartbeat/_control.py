@@ -15,6 +15,7 @@ which holds the regular beats meanwhile and paces them afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -61,7 +62,7 @@ class InChild:
         slots: Slots,
         index: int,
         hb: Heartbeat,
-        sender: Callable[[], Sender],
+        sender: Callable[[], Sender | None],
         reporter: Reporter,
     ) -> None:
         self._slots = slots
@@ -72,17 +73,24 @@ class InChild:
 
     def extend(self, seconds: int) -> bool:
         hb = self.heartbeat
-        asked = allowed(seconds, time.monotonic(), hb.received)
+        # At least the window: the main process reads the slot only when a regular beat
+        # is due, so a shorter extension could lapse before then (in the sidecar's
+        # process a short one is topped up at once, to the same effect).
+        asked = allowed(max(seconds, hb.options.visibility_timeout), time.monotonic(), hb.received)
         if isinstance(asked, Ended):
             return False
         sender = self._sender()  # built before the main process's beats are held
+        if sender is None:
+            return False
         with self._slots.extending(self._index):
             sent = time.monotonic()
             answer = sender.send(hb.queue_url, [(hb.receipt_handle, asked)])[0]
             if answer.failure is None:
                 self._slots.extended(self._index, sent, asked)
         settled = hb.settle(sent, asked, answer, time.monotonic(), manual=True)
-        self._report.settled(settled)
+        # The task's own record may end here (message gone, denied); the main process's
+        # heartbeat, which it does not change, finds out and reports it at its next beat.
+        self._report.settled(dataclasses.replace(settled, ended=False))
         return answer.failure is None
 
     def reconfigure(self, interval: float, visibility_timeout: int) -> bool:
@@ -116,7 +124,9 @@ class TaskHeartbeat:
     @property
     def active(self) -> bool:
         """Whether it still beats: False once it ended (message lost, or
-        ``sqs_heartbeat_max_duration`` reached)."""
+        ``sqs_heartbeat_max_duration`` reached). In a prefork pool child: False once the
+        task's own extension found the message gone or denied; the main process's
+        endings are not seen there."""
         return self._control.heartbeat.ended is None
 
     @property

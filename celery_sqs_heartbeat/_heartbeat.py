@@ -219,7 +219,10 @@ class Heartbeat:
         elif failure is None:
             self.accepted(sent, asked, manual=manual)
         elif failure in _FINAL:
-            self.end(_FINAL[failure])
+            # Gone because Celery settled it meanwhile (acknowledged while the call was
+            # out): the normal end of the message, not a loss.
+            settled = failure is Failure.GONE and self.is_settled is not None and self.is_settled()
+            self.end(Ended.SETTLED if settled else _FINAL[failure])
         elif not manual:  # a failed extension: the regular beats simply go on
             self.failures += 1
             retry_in = self.backoff(jitter)

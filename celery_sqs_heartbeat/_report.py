@@ -85,7 +85,9 @@ class Counters:
         totals = [sum(column) for column in zip(self.own, *self._others, strict=True)]
         failures = {f.value: totals[i] for f, i in _FAILURE_INDEX.items() if totals[i]}
         counts = dict(zip(FIELDS, totals, strict=False))
-        return Stats(active=counts["started"] - counts["stopped"], failures=failures, **counts)
+        # Read without a lock while others count: never show a negative number at work.
+        active = max(0, counts["started"] - counts["stopped"])
+        return Stats(active=active, failures=failures, **counts)
 
 
 class Ending(NamedTuple):

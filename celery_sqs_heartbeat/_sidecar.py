@@ -10,17 +10,20 @@ One turn of the loop, top to bottom (:meth:`Sidecar.turn`):
 
 1. Under the lock, copy the registry.
 2. Without it, sort the copy: messages Celery settled, beats due, beats due soon that
-   can fill a request; read the prefork slots of the due ones (``_slots``).
-3. Under the lock, apply all that: end what ended, follow what a task set through its
-   slot, take each beat to send (marking it in flight), grouped per queue into requests
-   of up to ten.
+   can fill a request.
+3. Under the lock, end what Celery settled and mark each beat to send in flight,
+   grouped per queue into requests of up to ten.
 4. Without it, report what ended, hand each request to an executor thread, and sleep
    until the earliest beat is due, or until something due sooner wakes the loop.
 
-The executor's threads send the requests and settle the answers (:meth:`Sidecar._settle`,
-the one path for regular beats and a task's own extensions), so a stalled call holds
-up no other heartbeat. SQS errors are classified (``_errors``) and reported
-(``_report``); none ever reaches a task.
+An executor thread then sends the request (:meth:`Sidecar._deliver`): without the lock it
+reads the prefork slots of its beats (``_slots``: a task that ended, a process that died,
+a pace or an extension the task set), under the lock it applies that and drops what must
+not go any more (stopped meanwhile, a limit reached), then makes the call and settles
+the answers (:meth:`Sidecar._settle`, the one path for regular beats and a task's own
+extensions). So a request that waited for a free thread sends nothing stale, and a
+stalled call holds up no other heartbeat. SQS errors are classified (``_errors``) and
+reported (``_report``); none ever reaches a task.
 
 ``stop`` is final: once it returns no beat for that message is sent. A call already in
 flight for it is waited for, briefly (:data:`~._heartbeat.STOP_WAIT`), so a beat does not
@@ -71,12 +74,18 @@ class Fence(Protocol):
 
 
 class _Beat(NamedTuple):
-    """One entry of a request: the visibility asked, and the slot that counts it in
-    flight (None: its task does not run in a pool child)."""
+    """A beat taken to be sent: its heartbeat, and the latest due time at which it goes
+    now (a rider's is later than now)."""
+
+    hb: Heartbeat
+    until: float
+
+
+class _Ask(NamedTuple):
+    """An entry of a request, as sent: the visibility it asks for."""
 
     hb: Heartbeat
     asked: int
-    slot: int | None
 
 
 class _Turn(NamedTuple):
@@ -166,9 +175,10 @@ class Sidecar:
                 return False
             self._counts[STOPPED] += 1
             hb.end(reason)
-            if hb.in_flight:
-                self._wait_in_flight(hb, STOP_WAIT)
+            answered = self._wait_in_flight(hb, STOP_WAIT)
             beats = hb.beats
+        if not answered:
+            _stalled(hb, STOP_WAIT)
         self._report.ended(hb, beats)
         return True
 
@@ -180,11 +190,11 @@ class Sidecar:
         with self._lock:
             if self._beats.get(hb.receipt_handle) is not hb:
                 return False
-            if hb.in_flight:
-                self._wait_in_flight(hb, 2 * self._call_timeout + EXTEND_WAIT_MARGIN)
+            waited = 2 * self._call_timeout + EXTEND_WAIT_MARGIN
+            answered = self._wait_in_flight(hb, waited)
             sent = self._clock()
             asked = allowed(seconds, sent, hb.received)
-            if hb.ended is not None or isinstance(asked, Ended):
+            if hb.ended is not None or isinstance(asked, Ended) or not answered:
                 return False
             hb.in_flight = True
         answer = self._sender.send(hb.queue_url, [(hb.receipt_handle, asked)])[0]
@@ -204,23 +214,16 @@ class Sidecar:
 
     # -- under the lock -----------------------------------------------------------------
 
-    def _wait_in_flight(self, hb: Heartbeat, waited: float) -> None:
-        """Wait up to *waited* s for the call in flight for *hb* (releasing the lock)."""
+    def _wait_in_flight(self, hb: Heartbeat, waited: float) -> bool:
+        """Wait up to *waited* s for a call in flight for *hb* (releasing the lock while
+        it waits); False if it is still out."""
         deadline = self._clock() + waited
         while hb.in_flight:
             left = deadline - self._clock()
             if left <= 0:
-                logger.info(
-                    "Heartbeat of task %s[%s]: SQS had not answered its beat after %.2f s; "
-                    "going on without it (if it lands, it fails on a deleted message, or "
-                    "keeps a requeued one hidden up to %d s).",
-                    hb.task_name,
-                    hb.task_id,
-                    waited,
-                    hb.options.visibility_timeout,
-                )
-                return
+                return False
             self._settled.wait(left)
+        return True
 
     def _note_due(self, hb: Heartbeat) -> None:
         """Wake the loop if *hb* is due before it planned to wake."""
@@ -304,18 +307,14 @@ class Sidecar:
             beats = list(self._beats.values())
             shortest = self._shortest
         found = self._look(beats, now)
-        views = self._read_slots(found.candidates)
-        unfence: list[int] = []
         with self._lock:
             ended = [hb for hb in found.settled if self._drop(hb) and hb.end(Ended.SETTLED)]
-            requests = self._take(found.candidates, views, now, ended, unfence)
-        for index in unfence:
-            self._finish(index)
+            requests = self._take(found.candidates)
         for hb in ended:
             self._report.ended(hb, hb.beats)
         for queue_url, entries in requests.items():
             for i in range(0, len(entries), MAX_BATCH):
-                self._executor.submit(self._deliver, queue_url, entries[i : i + MAX_BATCH], now)
+                self._executor.submit(self._deliver, queue_url, entries[i : i + MAX_BATCH])
         if requests or ended:
             return -math.inf
         wake = min(now + shortest, _earliest(beats))
@@ -351,46 +350,83 @@ class Sidecar:
                 candidates.append((hb, now + RIDE_FRACTION * hb.options.interval))
         return _Turn(settled, candidates)
 
-    def _read_slots(self, candidates: list[tuple[Heartbeat, float]]) -> dict[Heartbeat, SlotView]:
-        """What the prefork slots say of the candidates' tasks, without the lock; each
-        running task's slot counts its beat in flight from here."""
-        if self._fence is None:
-            return {}
-        views = {}
-        for hb, _ in candidates:
-            view = self._fence.begin(key_of(hb.receipt_handle), hb.slot)
-            if view is not None:
-                views[hb] = view
-        return views
+    def _take(self, candidates: list[tuple[Heartbeat, float]]) -> dict[str, list[_Beat]]:
+        """Under the lock: mark each candidate in flight and group them per queue."""
+        requests: dict[str, list[_Beat]] = {}
+        for hb, until in candidates:
+            if self._beats.get(hb.receipt_handle) is hb and not hb.in_flight:
+                hb.in_flight = True
+                requests.setdefault(hb.queue_url, []).append(_Beat(hb, until))
+        return requests
 
-    def _take(
+    def _deliver(self, queue_url: str, entries: list[_Beat]) -> None:
+        """Send one request and settle it; runs on an executor thread.
+
+        The prefork slots are read here, just before the call: a request that waited for
+        a free executor thread sees what its tasks did meanwhile."""
+        views: dict[Heartbeat, SlotView] = {}
+        ended: list[Heartbeat] = []
+        settled: list[Settled] = []
+        try:
+            self._read_slots(entries, views)
+            with self._lock:
+                sent = self._clock()
+                send = self._confirm(entries, views, sent, ended)
+            if send:
+                answers = self._sender.send(
+                    queue_url, [(b.hb.receipt_handle, b.asked) for b in send]
+                )
+                with self._lock:
+                    answered = self._clock()
+                    for beat, answer in zip(send, answers, strict=True):
+                        settled.append(
+                            self._settle(beat.hb, sent, beat.asked, answer, answered, manual=False)
+                        )
+        finally:
+            for view in views.values():
+                if view.fenced:
+                    self._finish(view.index)
+        for hb in ended:
+            self._report.ended(hb, hb.beats)
+        for s in settled:
+            self._tell(s)
+
+    def _read_slots(self, entries: list[_Beat], views: dict[Heartbeat, SlotView]) -> None:
+        """What the prefork slots say of the entries' tasks, into *views*, without the
+        lock; each running task's slot counts its beat in flight from here."""
+        if self._fence is None:
+            return
+        for beat in entries:
+            view = self._fence.begin(key_of(beat.hb.receipt_handle), beat.hb.slot)
+            if view is not None:
+                views[beat.hb] = view
+
+    def _confirm(
         self,
-        candidates: list[tuple[Heartbeat, float]],
+        entries: list[_Beat],
         views: dict[Heartbeat, SlotView],
         now: float,
         ended: list[Heartbeat],
-        unfence: list[int],
-    ) -> dict[str, list[_Beat]]:
-        """Under the lock: the beats to send now, per queue, each marked in flight.
-        Adds to *ended* what ended instead, and to *unfence* the slots that counted a
-        beat that is not sent."""
-        requests: dict[str, list[_Beat]] = {}
-        for hb, until in candidates:
-            view = views.get(hb)
-            fenced = view.index if view is not None and view.fenced else None
+    ) -> list[_Ask]:
+        """Under the lock, just before the call: the entries still to send, with the
+        visibility each asks for. The others are no longer in flight; those that ended
+        (stopped meanwhile, their task ended, a limit) go to *ended* when this call
+        dropped them from the registry."""
+        send: list[_Ask] = []
+        for beat in entries:
+            hb, view = beat.hb, views.get(beat.hb)
             asked = None
-            if self._beats.get(hb.receipt_handle) is hb and not hb.in_flight:
-                if view is None or self._follow(hb, view, now):
-                    asked = hb.plan(now) if hb.next_due <= until else None
-                if hb.ended is not None and self._drop(hb):
-                    ended.append(hb)
-            if asked is None:
-                if fenced is not None:
-                    unfence.append(fenced)
+            if hb.ended is None and (view is None or self._follow(hb, view, now)):
+                asked = hb.plan(now) if hb.next_due <= beat.until else None
+            if asked is not None:
+                send.append(_Ask(hb, asked))
                 continue
-            hb.in_flight = True
-            requests.setdefault(hb.queue_url, []).append(_Beat(hb, asked, fenced))
-        return requests
+            hb.in_flight = False
+            if hb.ended is not None and self._drop(hb):
+                ended.append(hb)
+            self._note_due(hb)
+        self._settled.notify_all()
+        return send
 
     def _follow(self, hb: Heartbeat, view: SlotView, now: float) -> bool:
         """Apply what *hb*'s task wrote in its pool slot; False when no beat may be sent
@@ -404,9 +440,13 @@ class Sidecar:
             return False
         if hb.started is None:
             hb.started = view.started
-        options = hb.options
-        if view.pace is not None and view.pace != (options.interval, options.visibility_timeout):
-            hb.reconfigure(*view.pace)
+        options, pace = hb.options, view.pace
+        if (
+            pace is not None
+            and pace[0] > 0
+            and pace != (options.interval, options.visibility_timeout)
+        ):
+            hb.reconfigure(*pace)
         if view.extended is not None and view.extended[0] > hb.last_sent:
             hb.accepted(*view.extended, manual=True)
         if view.extending:
@@ -414,29 +454,21 @@ class Sidecar:
             return False
         return True
 
-    def _deliver(self, queue_url: str, entries: list[_Beat], sent: float) -> None:
-        """Send one request and settle it; runs on an executor thread."""
-        settled: list[Settled] = []
-        try:
-            answers = self._sender.send(
-                queue_url, [(b.hb.receipt_handle, b.asked) for b in entries]
-            )
-            with self._lock:
-                answered = self._clock()
-                for beat, answer in zip(entries, answers, strict=True):
-                    settled.append(
-                        self._settle(beat.hb, sent, beat.asked, answer, answered, manual=False)
-                    )
-        finally:
-            for beat in entries:
-                if beat.slot is not None:
-                    self._finish(beat.slot)
-        for s in settled:
-            self._tell(s)
-
     def _finish(self, index: int) -> None:
         assert self._fence is not None
         self._fence.finish(index)
+
+
+def _stalled(hb: Heartbeat, waited: float) -> None:
+    logger.info(
+        "Heartbeat of task %s[%s]: SQS had not answered its beat after %.2f s; going on "
+        "without it (if it lands, it fails on a deleted message, or keeps a requeued one "
+        "hidden up to %d s).",
+        hb.task_name,
+        hb.task_id,
+        waited,
+        hb.options.visibility_timeout,
+    )
 
 
 def _next_due(hb: Heartbeat) -> float:

@@ -69,7 +69,8 @@ class _Slot(ctypes.Structure):
         #: The key of the task before, ended: a beat planned for it is not sent.
         ("previous", ctypes.c_uint64),
         ("state", ctypes.c_int32),
-        ("extending", ctypes.c_int32),
+        #: The key of the message the task is extending itself right now (0: none).
+        ("extending", ctypes.c_uint64),
         #: The pool process that uses the slot, written when it starts.
         ("pid", ctypes.c_int64),
         ("started", ctypes.c_double),
@@ -189,8 +190,12 @@ class Slots:
     # -- a pool child's side -------------------------------------------------------------
 
     def attach(self, index: int, pid: int) -> None:
-        """A pool process with id *pid* starts using slot *index*."""
+        """A pool process with id *pid* starts using slot *index*: whatever the process
+        before it left there (killed in the middle of a task) has ended."""
         with self._locked(index) as slot:
+            if slot.state == _RUNNING:
+                slot.previous, slot.state = slot.key, _ENDED
+            slot.extending = 0
             slot.pid = pid
 
     def started(self, index: int, key: int) -> None:
@@ -225,14 +230,14 @@ class Slots:
 
     def configure(self, index: int, interval: float, visibility_timeout: int) -> None:
         with self._locked(index) as slot:
-            slot.pace_key = slot.key
             slot.interval, slot.visibility_timeout = interval, visibility_timeout
+            slot.pace_key = slot.key  # last: a write cut short is never read
 
     @contextlib.contextmanager
     def extending(self, index: int) -> Iterator[None]:
         """Hold the main process's beats while the child sends its own extension."""
         with self._locked(index) as slot:
-            slot.extending = 1
+            slot.extending = slot.key
             busy = slot.in_flight > 0
         try:
             if busy:
@@ -244,8 +249,8 @@ class Slots:
 
     def extended(self, index: int, at: float, seconds: int) -> None:
         with self._locked(index) as slot:
-            slot.extended_key = slot.key
             slot.extended_at, slot.extended_for = at, seconds
+            slot.extended_key = slot.key  # last: a write cut short is never read
 
     # -- the main process's side -----------------------------------------------------------
 
@@ -260,7 +265,7 @@ class Slots:
         with self._locked(index) as slot:
             if slot.key != key or slot.state != _RUNNING:
                 return SlotView(index, running=False)
-            extending = bool(slot.extending)
+            extending = slot.extending == key
             if not extending:
                 slot.in_flight += 1
             pid, started = int(slot.pid), float(slot.started)
@@ -305,7 +310,9 @@ class Slots:
                 except ProcessLookupError:
                     return False
                 return True
-        if select.select([fd], [], [], 0)[0]:
+        poll = select.poll()  # not select(): a pidfd may be 1024 or more
+        poll.register(fd, select.POLLIN)
+        if poll.poll(0):
             os.close(self._pidfds.pop(pid))
             return False
         return True

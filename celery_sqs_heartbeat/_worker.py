@@ -55,9 +55,11 @@ logger = logging.getLogger("celery_sqs_heartbeat")
 DISABLED = HeartbeatOptions(enabled=False, interval=30, visibility_timeout=120, max_duration=None)
 #: How long worker shutdown waits for the sidecar thread to finish a call.
 SHUTDOWN_JOIN_TIMEOUT = 2.0
-#: The key under which the main process writes a message's receipt time into Celery's
-#: request for a prefork child (``task.request.sqs_heartbeat_received`` there): SQS's
-#: 12-hour limit counts from it, and the child's own extensions must respect it.
+#: The key under which the main process gives a prefork child a message's receipt time,
+#: in the copy of the message's properties that Celery's request carries to the child
+#: (``task.request.properties[RECEIVED]`` there): SQS's 12-hour limit counts from it,
+#: and the child's own extensions must respect it. Properties are not sent on with a
+#: retry, a replace or a result, and kombu's own dict is left as it is.
 RECEIVED = "sqs_heartbeat_received"
 
 _noted: set[str] = set()
@@ -198,7 +200,8 @@ class Main(Role):
             return  # not from SQS, or already settled
         now = time.monotonic()
         if self.slots is not None:
-            request.request_dict[RECEIVED] = now
+            carried = request.request_dict
+            carried["properties"] = {**(carried.get("properties") or {}), RECEIVED: now}
         hb = Heartbeat(
             message.delivery_tag,
             queue_url,
@@ -351,7 +354,7 @@ class Child(Role):
                 receipt_handle,
                 str(request.properties["delivery_info"]["sqs_queue"]),
                 self.options.get(task.name) or _late_options(task),
-                getattr(request, RECEIVED, None) or time.monotonic(),
+                request.properties.get(RECEIVED) or time.monotonic(),
                 task.name,
                 task_id,
             )
@@ -365,9 +368,21 @@ class Child(Role):
             self.handle = TaskHeartbeat(control)
         return self.handle
 
-    def _sender(self) -> Sender:
+    def _sender(self) -> Sender | None:
+        """The sender for this process's own extensions, made on the first one; None
+        (said once) where no client can be made: the extension then fails."""
         if self.sender is None:
-            self.sender = Sender(_clients(self.app, self.options).for_queue)
+            try:
+                self.sender = Sender(_clients(self.app, self.options).for_queue)
+            except Exception:
+                _note_once(
+                    "child-client",
+                    logging.ERROR,
+                    "celery-sqs-heartbeat: could not make an SQS client in pool process %s; "
+                    "its tasks' own extensions fail (the regular beats go on).",
+                    self.index,
+                    exc_info=True,
+                )
         return self.sender
 
     def forked(self) -> Role:
@@ -391,8 +406,11 @@ def _for_worker(worker: Any) -> Role:
         return Main(app, options, None)
     if not available():
         return Main(app, options, None, unfenced=True)
-    # Before the pool forks: every child inherits the mapping.
-    return Main(app, options, Slots(_pool_size(worker)))
+    try:
+        slots = Slots(_pool_size(worker))  # before the pool forks: every child inherits it
+    except OSError:  # the functions exist, but the kernel has no robust lists (qemu-user)
+        return Main(app, options, None, unfenced=True)
+    return Main(app, options, slots)
 
 
 def _pool_size(worker: Any) -> int:

@@ -260,3 +260,20 @@ def test_a_new_pace_counts_from_the_last_beat() -> None:
     assert w.beats_of("rh") == [FIRST, FIRST + 10]
     assert w.calls[-1].entries == [("rh", 40)]
     assert math.isinf(w.sidecar.turn(wait=False)) is False
+
+
+def test_a_message_gone_because_celery_settled_it_is_no_loss() -> None:
+    """The beat was out when Celery acknowledged the message: SQS answers "gone", and
+    that is the normal end of the message, not a message that may run again."""
+    w = World()
+    settled = False
+
+    def acknowledged_meanwhile(handle: str) -> Failure:
+        nonlocal settled
+        settled = True
+        return Failure.GONE
+
+    w.answer = acknowledged_meanwhile
+    hb = w.add(is_settled=lambda: settled)
+    w.advance(FIRST)
+    assert hb.ended is Ended.SETTLED and w.sidecar.stats().messages_lost == 0

@@ -349,3 +349,32 @@ def test_calls_go_out_on_a_few_named_daemon_threads(sidecars: list[Sidecar]) -> 
     senders = [t for t in threading.enumerate() if t.name.startswith(f"{THREAD_NAME}-send")]
     assert len(senders) == MAX_CALLS and all(t.daemon for t in senders)
     release.set()
+
+
+def test_a_request_that_waited_for_a_free_thread_sends_nothing_once_stopped(
+    sidecars: list[Sidecar],
+) -> None:
+    """Every executor thread is stuck in a stalled call; a beat taken meanwhile waits in
+    the executor's queue. Its task ends (stop returns after STOP_WAIT): when a thread
+    frees up, nothing is sent for that message."""
+    release = threading.Event()
+    calls: list[str] = []
+
+    class Client:
+        def change_message_visibility(self, **kw: Any) -> dict[str, Any]:
+            calls.append(kw["ReceiptHandle"])
+            if kw["ReceiptHandle"].startswith("stalled"):
+                release.wait(10)
+            return {}
+
+    sidecar = start(sidecars, Client())
+    for i in range(MAX_CALLS):  # one queue each: one request, one thread each
+        begin(sidecar, f"stalled{i}", f"{QUEUE}-{i}", FAST)
+    wait_for(lambda: len(calls) >= MAX_CALLS, timeout=5, what="every thread stalled")
+    queued = begin(sidecar, "queued", QUEUE, FAST)
+    wait_for(lambda: queued.in_flight, timeout=5, what="the beat taken")
+    assert sidecar.stop("queued")
+    release.set()
+    sidecar.shutdown(5)
+    sidecar._executor.shutdown(wait=True)
+    assert "queued" not in calls

@@ -13,6 +13,7 @@ from celery import Celery, signals
 
 import celery_sqs_heartbeat
 from celery_sqs_heartbeat import _worker
+from celery_sqs_heartbeat._send import ACCEPTED
 from celery_sqs_heartbeat._settings import resolve_tasks, startup_warnings
 from celery_sqs_heartbeat._sidecar import THREAD_NAME
 
@@ -214,14 +215,15 @@ def test_a_prefork_child_keeps_one_handle_for_its_task(app: Celery) -> None:
     start_worker(app, pool="prefork")
     main = _worker._role
     assert isinstance(main, _worker.Main) and main.slots is not None
-    stamped = receive(child, "rh-child")  # in the main process
+    carried = receive(child, "rh-child")  # in the main process
+    stamped = carried["properties"]
     assert stamped[_worker.RECEIVED] > 0
+    assert set(carried) == {"properties"}, "the receipt time must not become a header"
     _worker._role = _worker.Child(main, main.slots, 0)  # what worker_process_init makes
     child.push_request(
         id="t1",
         is_eager=False,
-        properties={"delivery_tag": "rh-child", "delivery_info": {"sqs_queue": QUEUE}},
-        **stamped,
+        properties={**stamped, "delivery_tag": "rh-child", "delivery_info": {"sqs_queue": QUEUE}},
     )
     try:
         signals.task_prerun.send(sender=child, task_id="t1", task=child)
@@ -231,6 +233,12 @@ def test_a_prefork_child_keeps_one_handle_for_its_task(app: Celery) -> None:
         assert (handle.interval, handle.visibility_timeout) == (10, 60)
         assert _worker.current(child) is handle
         assert handle._control.heartbeat.received == stamped[_worker.RECEIVED]
+        sent: list[tuple[str, int]] = []
+        child_role = _worker._role
+        assert isinstance(child_role, _worker.Child)
+        child_role.sender = Stand(send=lambda url, entries: sent.extend(entries) or [ACCEPTED])
+        # Shorter than the window: the main process would read it too late to top it up.
+        assert handle.extend(5) and sent == [("rh-child", 60)]
         signals.task_postrun.send(sender=child, task_id="t1", task=child)
         assert _worker.current(child) is None
     finally:

@@ -218,3 +218,68 @@ def test_twin_a_plain_process_shared_lock_stays_held_by_a_killed_child() -> None
     began = time.monotonic()
     assert not lock.acquire(timeout=0.5), "the killed child's lock was released"
     assert time.monotonic() - began >= 0.5
+
+
+def test_a_child_killed_while_extending_leaves_no_hold_on_the_next_task() -> None:
+    """SIGKILL (a hard time limit) while the task sends its own extension: the flag that
+    holds the main process's beats dies with that task, and the next task in the slot is
+    beaten as usual."""
+    slots = slots_of(1)
+    slots.started(0, key_of("killed"))
+
+    def extend_and_die() -> None:
+        with slots.extending(0):
+            os._exit(0)  # no finally: what a SIGKILL leaves
+
+    in_child(extend_and_die)
+    slots.attach(0, os.getpid())  # billiard's replacement child
+    slots.started(0, RH)
+    view = slots.begin(RH, None)
+    assert view is not None and view.running and not view.extending and view.fenced
+
+
+def test_a_replaced_childs_unfinished_task_has_ended() -> None:
+    """Billiard replaces a killed child at the same index before Celery settles its task:
+    the new process's start must not make the dead task look alive again."""
+    slots = slots_of(1)
+    in_child(lambda: slots.attach(0, os.getpid()), lambda: slots.started(0, RH))
+    slots.attach(0, os.getpid())  # the replacement, alive
+    view = slots.begin(RH, 0)
+    assert view is not None and not view.running and not view.fenced
+
+
+def test_a_pidfd_above_1023_is_still_watched() -> None:
+    """A worker with many open files: the dead-process check must not depend on
+    select()'s 1024-descriptor limit."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1100
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    opened: list[int] = []
+    try:
+        while not opened or opened[-1] < 1030:
+            opened.append(os.open(os.devnull, os.O_RDONLY))
+        slots = slots_of(1)
+        slots.started(0, RH)
+        view = slots.begin(RH, None)
+        assert view is not None and view.running and view.alive
+        slots.finish(0)
+    finally:
+        for fd in opened:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_pace_cut_short_is_never_applied() -> None:
+    """A child killed in the middle of configure() leaves no half-written pace that the
+    main process would apply (a zero interval would break every turn)."""
+    slots = slots_of(1)
+    w = World(fence=slots)
+    hb = w.add("rh", interval=1.0, visibility_timeout=4)
+    slots.started(0, RH)
+    slots._table[0].pace_key = RH  # as if killed after the key, before the values
+    w.advance(2.0)
+    assert (hb.options.interval, hb.options.visibility_timeout) == (1.0, 4)
+    assert [c.at for c in w.calls] == [1.0, 2.0]
