@@ -297,9 +297,8 @@ class Sidecar:
     def turn(self, *, wait: bool = True) -> float:
         """One turn of the loop (see the module's docstring).
 
-        Returns when the next beat is due (infinity: none), or -infinity when this turn
-        sent or ended something (the next turn then looks again at once). With *wait*,
-        a turn that did neither sleeps until then, or until the loop is woken.
+        Returns when the next beat is due (infinity: none); with *wait*, sleeps until
+        then, or until the loop is woken.
         """
         now = self._clock()  # before the copy: a message added after it is due later
         with self._lock:
@@ -315,8 +314,9 @@ class Sidecar:
         for queue_url, entries in requests.items():
             for i in range(0, len(entries), MAX_BATCH):
                 self._executor.submit(self._deliver, queue_url, entries[i : i + MAX_BATCH])
-        if requests or ended:
-            return -math.inf
+        # Beats just submitted are in flight, not counted here: their answers wake the
+        # loop if they are due again sooner. So the loop never turns again at once, and
+        # the executor's threads do not find it holding the lock they need next.
         wake = min(now + shortest, _earliest(beats))
         if wait and not self._stopping.is_set():
             with self._lock:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from typing import Any
@@ -82,8 +81,6 @@ class World:
             self.turns += 1
             assert self.turns < MAX_TURNS, "the loop spins"
             wake = self.sidecar.turn(wait=False)
-            if wake == -math.inf:
-                continue
             if wake > to:
                 break
             self.now = max(self.now, wake)
