@@ -194,9 +194,14 @@ class Sidecar:
             answered = self._wait_in_flight(hb, waited)
             sent = self._clock()
             asked = allowed(seconds, sent, hb.received)
-            if hb.ended is not None or isinstance(asked, Ended) or not answered:
-                return False
-            hb.in_flight = True
+            if not answered or hb.ended is not None or isinstance(asked, Ended):
+                asked = 0
+            else:
+                hb.in_flight = True
+        if not answered:
+            _stalled(hb, waited)
+        if not asked:
+            return False
         answer = self._sender.send(hb.queue_url, [(hb.receipt_handle, asked)])[0]
         with self._lock:
             settled = self._settle(hb, sent, asked, answer, self._clock(), manual=True)
