@@ -20,7 +20,8 @@ and the next process to take the lock simply goes on. The rules between the side
   is in flight: once it returns, no beat for the message is sent, and none lands after
   Celery's delete or requeue.
 * A slot whose process is gone ends its heartbeat at once, so no beat follows the
-  process's death; Celery then settles the message itself.
+  process's death; Celery then settles the message itself. The process billiard starts
+  in its place ends, as it attaches, whatever the dead one left running or held.
 * A task's manual extension (sent by the child itself) marks the slot ``extending``, so
   the main process holds its regular beats, then says what it asked and when.
 
