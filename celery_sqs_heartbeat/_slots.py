@@ -203,9 +203,8 @@ class Slots:
         """``task_prerun`` of message *key*'s task in the child using slot *index*."""
         # The per-task path: the lock by hand, not through a generator-based context
         # manager, which would cost more than the stores themselves.
-        slot, mutex = self._table[index], self._mutexes[index]
-        if self._lock_fn(mutex) == errno.EOWNERDEAD:
-            self._libc.pthread_mutex_consistent(mutex)
+        slot = self._table[index]
+        self._lock(index)
         try:
             slot.previous = slot.key
             slot.key = key
@@ -214,18 +213,17 @@ class Slots:
             slot.state = _RUNNING
             slot.started = time.monotonic()
         finally:
-            self._unlock_fn(mutex)
+            self._unlock(index)
 
     def ended(self, index: int) -> None:
         """``task_postrun``: no beat is sent for the task once this returns."""
-        slot, mutex = self._table[index], self._mutexes[index]
-        if self._lock_fn(mutex) == errno.EOWNERDEAD:
-            self._libc.pthread_mutex_consistent(mutex)
+        slot = self._table[index]
+        self._lock(index)
         try:
             slot.state = _ENDED
             busy = slot.in_flight > 0
         finally:
-            self._unlock_fn(mutex)
+            self._unlock(index)
         if busy:
             _wait_idle(slot)
 
