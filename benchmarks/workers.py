@@ -262,9 +262,20 @@ PUNCTUALITY_INTERVAL = 1.0
 PUNCTUALITY_WINDOW = 4
 
 
+#: The punctuality figure's workers: pool, spinning tasks, and where the beats come from
+#: in a threads worker (its beat process, the default, or a thread of its own process).
+PUNCTUALITY_ARMS = (
+    ("threads", 1, "beat process"),
+    ("threads", 4, "beat process"),
+    ("threads", 8, "beat process"),
+    ("threads", 8, "in-process"),
+    ("prefork", 8, ""),
+)
+
+
 def punctuality(bench: Bench, seconds: float = 10.0) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    for pool, spinning in (("threads", 1), ("threads", 4), ("threads", 8), ("prefork", 8)):
+    for pool, spinning, beats_from in PUNCTUALITY_ARMS:
         queue = f"punct-{uuid.uuid4().hex[:8]}"
         conf = _conf(
             queue,
@@ -272,6 +283,7 @@ def punctuality(bench: Bench, seconds: float = 10.0) -> dict[str, Any]:
             worker_prefetch_multiplier=1,
             sqs_heartbeat_interval=PUNCTUALITY_INTERVAL,
             sqs_heartbeat_visibility_timeout=PUNCTUALITY_WINDOW,
+            sqs_heartbeat_beat_process=beats_from != "in-process",
         )
         conf["broker_transport_options"]["visibility_timeout"] = 3
         events = bench.tmp / f"{queue}.jsonl"
@@ -287,7 +299,8 @@ def punctuality(bench: Bench, seconds: float = 10.0) -> dict[str, Any]:
         records = [json.loads(line) for line in events.read_text().splitlines()]
         lateness = [r["lateness"] * 1000 for r in records if r["event"] == "beat"]
         first = [r["lateness"] * 1000 for r in records if r["event"] == "beat" and r["beat"] == 1]
-        results[f"{pool}, {spinning} spinning"] = {
+        name = f"{pool}, {spinning} spinning" + (f", {beats_from}" if beats_from else "")
+        results[name] = {
             "beats": len(lateness),
             "p50_ms": percentile(lateness, 50),
             "p99_ms": percentile(lateness, 99),
@@ -318,6 +331,16 @@ def _pss_mb(pid: int) -> float:
     raise RuntimeError(f"no Pss for process {pid}")
 
 
+def _private_mb(pid: int) -> float:
+    """Private pages only (clean and dirty): what the process adds to the machine."""
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])
+    return total / 1024
+
+
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
@@ -346,7 +369,31 @@ def memory(bench: Bench) -> list[dict[str, Any]]:
             )
         finally:
             worker.stop()
-    return rows
+    return rows + beat_process_memory(bench)
+
+
+def beat_process_memory(bench: Bench) -> list[dict[str, Any]]:
+    """Private memory and PSS of an idle threads worker's beat process, after it beat a
+    message (its SQS client made and used)."""
+    queue = f"mem-{uuid.uuid4().hex[:8]}"
+    conf = _conf(queue, True, sqs_heartbeat_interval=1, sqs_heartbeat_visibility_timeout=4)
+    worker = bench.worker(conf, "threads", MEMORY_CONCURRENCY).start().wait_ready(60)
+    try:
+        bench.sender(conf).send_task("benchmarks.bench_tasks.spin", args=[3], queue=queue)
+        _wait_acked(bench, queue, 1, timeout=60)
+        time.sleep(MEMORY_SETTLE_SECONDS)
+        assert worker.process is not None
+        (beats,) = _children(worker.process.pid)
+        return [
+            {
+                "process": "beat process",
+                "heartbeat": "on",
+                "pss_mb": _pss_mb(beats),
+                "private_mb": _private_mb(beats),
+            }
+        ]
+    finally:
+        worker.stop()
 
 
 def run() -> dict[str, Any]:

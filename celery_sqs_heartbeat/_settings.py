@@ -92,6 +92,8 @@ class Setting:
     type: str
     meaning: str
     parse: Callable[[object], object]
+    #: Worker-wide: read from the Celery configuration only, never from a task.
+    worker: bool = False
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -127,9 +129,23 @@ SETTINGS: tuple[Setting, ...] = (
         " None: beat until SQS's 12-hour limit.",
         _parse_max_duration,
     ),
+    Setting(
+        "sqs_heartbeat_beat_process",
+        True,
+        "bool (worker-wide)",
+        "In the threads, solo, gevent and eventlet pools, send the beats from a small"
+        " process of the worker's own that runs no task, so that a task holding the GIL or"
+        " a greenlet that never yields cannot starve them. False: from a thread of the"
+        " worker's process. (A prefork worker's main process runs no task: it always"
+        " beats for its children.)",
+        _parse_enabled,
+        worker=True,
+    ),
 )
 
 _BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
+#: The settings a task may override.
+TASK_SETTINGS = tuple(s for s in SETTINGS if not s.worker)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +181,7 @@ def resolve(conf: Any, task: Any | None = None) -> HeartbeatOptions:
     parsed: dict[str, Any] = {}
     raw: dict[str, object] = {}
     origin: dict[str, bool] = {}
-    for setting in SETTINGS:
+    for setting in TASK_SETTINGS:
         value, from_task = raw_value(conf, task, setting.name)
         raw[setting.name] = value
         try:
@@ -192,6 +208,16 @@ def resolve(conf: Any, task: Any | None = None) -> HeartbeatOptions:
         visibility_timeout=visibility,
         max_duration=parsed["sqs_heartbeat_max_duration"],
     )
+
+
+def beat_process(conf: Any) -> bool:
+    """Whether the worker may beat from a beat process (``sqs_heartbeat_beat_process``)."""
+    name = "sqs_heartbeat_beat_process"
+    value = conf.get(name, _BY_NAME[name].default)
+    try:
+        return bool(_parse_enabled(value))
+    except ValueError as exc:
+        raise ConfigurationError(name, value, str(exc)) from None
 
 
 def resolve_pace(interval: object, visibility_timeout: object) -> tuple[float, int]:
@@ -265,7 +291,7 @@ def task_rows(app: Any, found: Mapping[str, HeartbeatOptions]) -> list[dict[str,
                 "acks_late": bool(task.acks_late),
                 "queue": app.amqp.router.route({}, name)["queue"].name,
                 "overrides": sorted(
-                    s.name for s in SETTINGS if raw_value(app.conf, task, s.name)[1]
+                    s.name for s in TASK_SETTINGS if raw_value(app.conf, task, s.name)[1]
                 ),
             }
         )

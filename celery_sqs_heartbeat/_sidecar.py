@@ -134,6 +134,8 @@ class Sidecar:
         self._shortest = math.inf
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        #: An unexpected error has been said (``_deliver``).
+        self._failed = False
         self._executor = executor or ThreadPoolExecutor(
             MAX_CALLS, thread_name_prefix=f"{THREAD_NAME}-send"
         )
@@ -365,7 +367,29 @@ class Sidecar:
         return requests
 
     def _deliver(self, queue_url: str, entries: list[_Beat]) -> None:
-        """Send one request and settle it; runs on an executor thread.
+        """Send one request and settle it; runs on an executor thread, which would keep
+        an error to itself: a bug is said once, and its beats are planned again."""
+        try:
+            self._send(queue_url, entries)
+        except Exception:  # pragma: no cover - a bug
+            if not self._failed:
+                self._failed = True
+                logger.exception(
+                    "celery-sqs-heartbeat: unexpected error sending beats to %s; they are "
+                    "tried again (said once).",
+                    queue_url,
+                )
+            with self._lock:
+                now = self._clock()
+                for beat in entries:
+                    if beat.hb.in_flight:
+                        beat.hb.in_flight = False
+                        beat.hb.put_off(now)
+                        self._note_due(beat.hb)
+                self._settled.notify_all()
+
+    def _send(self, queue_url: str, entries: list[_Beat]) -> None:
+        """Send one request and settle it.
 
         The prefork slots are read here, just before the call: a request that waited for
         a free executor thread sees what its tasks did meanwhile."""

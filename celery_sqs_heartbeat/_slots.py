@@ -38,6 +38,7 @@ import errno
 import mmap
 import os
 import select
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -138,17 +139,18 @@ def available() -> bool:
 
 
 class Slots:
-    """The slots of one prefork worker, mapped by its main process before the fork,
-    followed by one block of counters for the main process and one per slot."""
+    """The slots of one worker, mapped by its main process before the fork, after the
+    blocks of counters: one for the main process, one per slot, and one for the beat
+    process (``_beat``) of a worker that has one."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        counters = (capacity + 1) * BLOCK_SIZE
+        counters = (capacity + 2) * BLOCK_SIZE
         self._map = mmap.mmap(-1, counters + capacity * ctypes.sizeof(_Slot))
         self._table = (_Slot * capacity).from_buffer(self._map, counters)
         self._blocks = [
             shared_block(memoryview(self._map)[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE])
-            for i in range(capacity + 1)
+            for i in range(capacity + 2)
         ]
         self._libc = libc = _libc()
         self._mutexes = [ctypes.addressof(s) + _Slot.mutex.offset for s in self._table]
@@ -164,10 +166,10 @@ class Slots:
         #: The main process's pidfd of each child it has seen in a slot.
         self._pidfds: dict[int, int] = {}
 
-    def counter_blocks(self, slot: int | None) -> tuple[Any, list[Any]]:
-        """The block of counters that the main process (*slot* None) or the child in
-        *slot* writes, and the blocks it only reads."""
-        own = 0 if slot is None else slot + 1
+    def counter_blocks(self, slot: int | None, *, beat: bool = False) -> tuple[Any, list[Any]]:
+        """The block of counters that the main process (*slot* None), the task in *slot*
+        or the beat process (*beat*) writes, and the blocks it only reads."""
+        own = self.capacity + 1 if beat else 0 if slot is None else slot + 1
         return self._blocks[own], [b for i, b in enumerate(self._blocks) if i != own]
 
     def _lock(self, index: int) -> None:
@@ -285,6 +287,13 @@ class Slots:
             fenced=not extending,
         )
 
+    def forget_in_flight(self) -> None:
+        """A new beat process takes over: no beat of the one before is in flight any
+        more (it died with them), so no ``task_postrun`` waits for them."""
+        for index in range(self.capacity):
+            with self._locked(index) as slot:
+                slot.in_flight = 0
+
     def finish(self, index: int) -> None:
         """A beat counted by :meth:`begin` has been answered (or was not sent)."""
         with self._locked(index) as slot:
@@ -309,12 +318,21 @@ class Slots:
                 except ProcessLookupError:
                     return False
                 return True
-        poll = select.poll()  # not select(): a pidfd may be 1024 or more
+        poll = _poll()  # not select(): a pidfd may be 1024 or more
         poll.register(fd, select.POLLIN)
         if poll.poll(0):
             os.close(self._pidfds.pop(pid))
             return False
         return True
+
+
+def _poll() -> Any:
+    """A poll object of the operating system's own: eventlet's green ``select`` has none
+    (and a pidfd is only looked at, never waited for)."""
+    eventlet = sys.modules.get("eventlet.patcher")
+    if eventlet is not None and eventlet.is_monkey_patched("select"):
+        return eventlet.original("select").poll()
+    return select.poll()
 
 
 def _wait_idle(slot: _Slot) -> None:

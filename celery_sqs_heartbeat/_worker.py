@@ -6,9 +6,14 @@ signal and replaced whole at fork, so no handler asks which pool or process it r
 * :class:`Main`, the worker's main process, built at ``worker_init`` (before the pool
   forks, so that it can map the prefork slots). It receives every message and beats it
   from ``task_received`` until Celery settles it, from a sidecar started at
-  ``worker_ready`` (or by a message that comes before). In the threads, solo, gevent and
-  eventlet pools it also runs the tasks: its ``task_prerun`` and ``task_postrun`` tell
-  the sidecar directly.
+  ``worker_ready`` (or by a message that comes before). In the other pools, where the
+  beat process is off or cannot be made, it also runs the tasks: its ``task_prerun`` and
+  ``task_postrun`` tell the sidecar directly.
+* :class:`Delegating` instead in a threads, solo, gevent or eventlet worker (unless
+  ``sqs_heartbeat_beat_process`` is False): the tasks run in this process, so the beats
+  come from a beat process it forks at ``worker_init`` (``_beat``). It hands that
+  process every message it receives, and each task writes a slot, as a prefork child
+  does.
 * :class:`Child`, a prefork pool child, made at ``worker_process_init`` from the
   :class:`Forked` role a fork of the main process starts with. Its ``task_prerun`` and
   ``task_postrun`` write its slot (``_slots``), which the main process reads before each
@@ -32,6 +37,7 @@ from typing import Any
 
 from celery import signals
 
+from ._beat import BeatProcess, supported
 from ._client import BrokerInfo, Clients, call_timeout, kombu_loader
 from ._control import InChild, InProcess, TaskHeartbeat
 from ._heartbeat import Heartbeat
@@ -40,6 +46,7 @@ from ._send import Sender
 from ._settings import (
     ConfigurationError,
     HeartbeatOptions,
+    beat_process,
     enabled_tasks,
     resolve,
     resolve_tasks,
@@ -118,6 +125,45 @@ def _clients(app: Any, options: dict[str, HeartbeatOptions], loader: Any = None)
     return clients
 
 
+def _heartbeat(
+    request: Any, known: dict[str, HeartbeatOptions], slots: Slots | None, *, settled: bool
+) -> Heartbeat | None:
+    """The heartbeat of a message just received, or None if it gets none. With *slots*
+    its task writes a slot, and reads the receipt time from the request's properties; *known*
+    holds the options resolved at the worker's start;
+    with *settled* the heartbeat asks Celery's message whether it was settled."""
+    # For every message: a few lookups, one small object.
+    task = request.task
+    options = known.get(task.name) or _late_options(task)
+    if not options.enabled:
+        return None
+    message = request.message
+    queue_url = (message.delivery_info or {}).get("sqs_queue")
+    if not queue_url or message.acknowledged:
+        return None  # not from SQS, or already settled
+    now = time.monotonic()
+    if slots is not None:
+        carried = request.request_dict
+        carried["properties"] = {**(carried.get("properties") or {}), RECEIVED: now}
+    return Heartbeat(
+        message.delivery_tag,
+        queue_url,
+        options,
+        now,
+        task.name,
+        request.id,
+        (lambda: bool(message.acknowledged)) if settled else None,
+    )
+
+
+def _receipt_handle(task: Any) -> str | None:
+    """The receipt handle of the message of *task*, running; None: eager, or not SQS."""
+    try:
+        return str(task.request.properties["delivery_tag"])
+    except (TypeError, KeyError):
+        return None
+
+
 # -- the roles ------------------------------------------------------------------------------
 
 
@@ -171,6 +217,7 @@ class Main(Role):
         slots: Slots | None,
         *,
         unfenced: bool = False,
+        shared: str = "",
     ) -> None:
         super().__init__()
         self.app = app
@@ -179,6 +226,8 @@ class Main(Role):
         self.slots = slots
         #: A prefork pool without slots (no robust mutexes here).
         self.unfenced = unfenced
+        #: In another pool, why the beats share the tasks' process (no beat process).
+        self.shared = shared
         if slots is not None:
             self.counters = Counters(*slots.counter_blocks(None))
         self.sidecar: Sidecar | None = None
@@ -189,39 +238,16 @@ class Main(Role):
         self._lock = threading.Lock()
 
     def received(self, request: Any) -> None:
-        # For every message: a few lookups, one small object, one lock.
-        task = request.task
-        options = self.options.get(task.name) or _late_options(task)
-        if not options.enabled:
-            return
-        message = request.message
-        queue_url = (message.delivery_info or {}).get("sqs_queue")
-        if not queue_url or message.acknowledged:
-            return  # not from SQS, or already settled
-        now = time.monotonic()
-        if self.slots is not None:
-            carried = request.request_dict
-            carried["properties"] = {**(carried.get("properties") or {}), RECEIVED: now}
-        hb = Heartbeat(
-            message.delivery_tag,
-            queue_url,
-            options,
-            now,
-            task.name,
-            request.id,
-            lambda: bool(message.acknowledged),
-        )
-        (self.sidecar or self.start()).add(hb)
+        hb = _heartbeat(request, self.options, self.slots, settled=True)
+        if hb is not None:
+            (self.sidecar or self.start()).add(hb)
 
     def prerun(self, task: Any, task_id: str) -> None:
         sidecar = self.sidecar
         if sidecar is None:
             return
-        try:
-            receipt_handle = task.request.properties["delivery_tag"]
-        except (TypeError, KeyError):
-            return  # eager, or not from SQS
-        if sidecar.run(receipt_handle):
+        receipt_handle = _receipt_handle(task)
+        if receipt_handle is not None and sidecar.run(receipt_handle):
             self.running[threading.get_ident(), task_id] = receipt_handle
 
     def postrun(self, task_id: str) -> None:
@@ -243,17 +269,20 @@ class Main(Role):
                 "beats each message until Celery settles it (a beat may land just after the "
                 "delete)."
             )
-        pool = getattr(consumer, "pool", None)
-        if getattr(pool, "is_green", False):
+        if self.shared:
             margin = min(
                 o.visibility_timeout - o.interval for o in self.options.values() if o.enabled
             )
+            green = getattr(getattr(consumer, "pool", None), "is_green", False)
             logger.warning(
-                "celery-sqs-heartbeat: in the %s pool the heartbeat is a greenlet like the "
-                "tasks: a task that never yields (computes for %g s or more without I/O or a "
-                "sleep) starves it, and its message is delivered again. Run CPU-bound tasks in "
-                "a prefork worker.",
-                type(pool).__module__.rpartition(".")[2],
+                "celery-sqs-heartbeat: the beats come from a %s of the worker's own process "
+                "(%s): a task that %s for %g s or more starves them, and its message is "
+                "delivered again.",
+                "greenlet" if green else "thread",
+                self.shared,
+                "never yields (computes without I/O or a sleep)"
+                if green
+                else "holds the GIL (one long C call)",
                 margin,
             )
         self.start(consumer)
@@ -308,15 +337,62 @@ class Forked(Role):
         return Role()
 
 
-class Child(Role):
+class _Writer(Role):
+    """A process whose tasks write a slot (a prefork pool child, or a worker with a beat
+    process): what a task's own control needs."""
+
+    def __init__(self, app: Any, options: dict[str, HeartbeatOptions], slots: Slots) -> None:
+        super().__init__()
+        self.app = app
+        self.options = options
+        self.slots = slots
+        #: A sender for the tasks' own extensions, made on the first one.
+        self.sender: Sender | None = None
+
+    def _control(self, task: Any, receipt_handle: str, request: Any, index: int) -> TaskHeartbeat:
+        """The manual control of *task*, running in slot *index*."""
+        hb = Heartbeat(
+            receipt_handle,
+            str(request.properties["delivery_info"]["sqs_queue"]),
+            self.options.get(task.name) or _late_options(task),
+            request.properties.get(RECEIVED) or time.monotonic(),
+            task.name,
+            request.id,
+        )
+        reporter = Reporter(Counters(*self.slots.counter_blocks(index)), region=lambda: None)
+        return TaskHeartbeat(InChild(self.slots, index, hb, self._sender, reporter))
+
+    def _enabled(self, task: Any) -> bool:
+        options = self.options.get(task.name)
+        return options is None or options.enabled
+
+    def _sender(self) -> Sender | None:
+        """The sender for this process's own extensions, made on the first one; None
+        (said once) where no client can be made: the extension then fails."""
+        if self.sender is None:
+            try:
+                self.sender = Sender(_clients(self.app, self.options).for_queue)
+            except Exception:
+                _note_once(
+                    "own-client",
+                    logging.ERROR,
+                    "celery-sqs-heartbeat: could not make an SQS client in process %d; its "
+                    "tasks' own extensions fail (the regular beats go on).",
+                    os.getpid(),
+                    exc_info=True,
+                )
+        return self.sender
+
+    def forked(self) -> Role:
+        return Role()
+
+
+class Child(_Writer):
     """A prefork pool child: it tells the main process through its slot when its task
     starts and ends."""
 
     def __init__(self, main: Main, slots: Slots, index: int) -> None:
-        super().__init__()
-        self.app = main.app
-        self.options = main.options
-        self.slots = slots
+        super().__init__(main.app, main.options, slots)
         self.index = index
         slots.attach(index, os.getpid())
         self.counters = Counters(*slots.counter_blocks(index))
@@ -324,20 +400,13 @@ class Child(Role):
         self.task: tuple[str, str, Any] | None = None
         #: Its manual control, made on the first ``current()`` and kept for the task.
         self.handle: TaskHeartbeat | None = None
-        #: A sender for the tasks' own extensions, made on the first one.
-        self.sender: Sender | None = None
 
     def prerun(self, task: Any, task_id: str) -> None:
-        request = task.request
-        try:
-            receipt_handle = request.properties["delivery_tag"]
-        except (TypeError, KeyError):
-            return  # eager, or not from SQS
-        options = self.options.get(task.name)
-        if options is not None and not options.enabled:
+        receipt_handle = _receipt_handle(task)
+        if receipt_handle is None or not self._enabled(task):
             return
         self.slots.started(self.index, key_of(receipt_handle))
-        self.task, self.handle = (task_id, receipt_handle, request), None
+        self.task, self.handle = (task_id, receipt_handle, task.request), None
 
     def postrun(self, task_id: str) -> None:
         if self.task is not None and self.task[0] == task_id:
@@ -349,44 +418,93 @@ class Child(Role):
         if running is None or running[0] != task.request.id:
             return None
         if self.handle is None:
-            task_id, receipt_handle, request = running
-            hb = Heartbeat(
-                receipt_handle,
-                str(request.properties["delivery_info"]["sqs_queue"]),
-                self.options.get(task.name) or _late_options(task),
-                request.properties.get(RECEIVED) or time.monotonic(),
-                task.name,
-                task_id,
-            )
-            control = InChild(
-                self.slots,
-                self.index,
-                hb,
-                self._sender,
-                Reporter(self.counters, region=lambda: None),
-            )
-            self.handle = TaskHeartbeat(control)
+            self.handle = self._control(task, running[1], running[2], self.index)
         return self.handle
 
-    def _sender(self) -> Sender | None:
-        """The sender for this process's own extensions, made on the first one; None
-        (said once) where no client can be made: the extension then fails."""
-        if self.sender is None:
-            try:
-                self.sender = Sender(_clients(self.app, self.options).for_queue)
-            except Exception:
-                _note_once(
-                    "child-client",
-                    logging.ERROR,
-                    "celery-sqs-heartbeat: could not make an SQS client in pool process %s; "
-                    "its tasks' own extensions fail (the regular beats go on).",
-                    self.index,
-                    exc_info=True,
-                )
-        return self.sender
 
-    def forked(self) -> Role:
-        return Role()
+class _Task:
+    """A task running in a worker with a beat process: its slot, and its control."""
+
+    __slots__ = ("handle", "index", "receipt_handle", "request")
+
+    def __init__(self, receipt_handle: str, request: Any, index: int) -> None:
+        self.receipt_handle = receipt_handle
+        self.request = request
+        self.index = index
+        self.handle: TaskHeartbeat | None = None
+
+
+class Delegating(_Writer):
+    """The main process of a threads, solo, gevent or eventlet worker whose beats come
+    from its beat process (``_beat``): it hands the beat process every message it
+    receives, and each task writes a slot, as a prefork child does."""
+
+    def __init__(self, app: Any, options: dict[str, HeartbeatOptions], slots: Slots) -> None:
+        super().__init__(app, options, slots)
+        self.counters = Counters(*slots.counter_blocks(None))
+        broker = BrokerInfo.from_app(app)
+        assert broker is not None
+        self.reporter = Reporter(self.counters, region=broker.region)
+        self.beats = BeatProcess(slots, self.reporter, lambda: _clients(app, options), options)
+        for index in range(slots.capacity):
+            slots.attach(index, os.getpid())
+        #: The slots no task uses. Taken and given back by the tasks' threads: a list's
+        #: pop and append are atomic.
+        self.free = list(range(slots.capacity - 1, -1, -1))
+        #: Each task running here, by (thread, task id), as in :class:`Main`.
+        self.running: dict[tuple[int, str], _Task] = {}
+
+    def received(self, request: Any) -> None:
+        hb = _heartbeat(request, self.options, self.slots, settled=False)
+        if hb is not None:
+            self.reporter.started(hb)
+            self.beats.add(hb, request.message)
+
+    def prerun(self, task: Any, task_id: str) -> None:
+        receipt_handle = _receipt_handle(task)
+        if receipt_handle is None or not self._enabled(task):
+            return
+        try:
+            index = self.free.pop()
+        except IndexError:
+            _note_once(
+                "no-slot",
+                logging.WARNING,
+                "celery-sqs-heartbeat: more tasks run at once than the %d slots mapped at "
+                "start; the beat process beats the others' messages until Celery settles "
+                "them.",
+                self.slots.capacity,
+            )
+            return
+        self.slots.started(index, key_of(receipt_handle))
+        self.running[threading.get_ident(), task_id] = _Task(receipt_handle, task.request, index)
+
+    def postrun(self, task_id: str) -> None:
+        running = self.running.pop((threading.get_ident(), task_id), None)
+        if running is not None:
+            self.slots.ended(running.index)
+            self.free.append(running.index)
+
+    def current(self, task: Any) -> TaskHeartbeat | None:
+        running = self.running.get((threading.get_ident(), task.request.id))
+        if running is None:
+            return None
+        if running.handle is None:
+            running.handle = self._control(
+                task, running.receipt_handle, running.request, running.index
+            )
+        return running.handle
+
+    def ready(self, consumer: Any) -> None:
+        self.beats.level(logger.getEffectiveLevel())
+        logger.info(
+            "celery-sqs-heartbeat: the beats come from the worker's beat process (pid %d), "
+            "which runs no task.",
+            self.beats.pid,
+        )
+
+    def shutdown(self) -> None:
+        self.beats.close()
 
 
 def _for_worker(worker: Any) -> Role:
@@ -394,6 +512,7 @@ def _for_worker(worker: Any) -> Role:
     app = worker.app
     try:
         options = resolve_tasks(app)
+        separate = beat_process(app.conf)
     except ConfigurationError as exc:
         # SystemExit is not an Exception: it stops the worker with status 1 and the
         # message on stderr (logging is not set up yet at worker_init).
@@ -403,7 +522,11 @@ def _for_worker(worker: Any) -> Role:
     if BrokerInfo.from_app(app) is None:
         return NotSQS()
     if not _is_prefork(worker.pool_cls):
-        return Main(app, options, None)
+        return (
+            _delegating(worker, options)
+            if separate
+            else Main(app, options, None, shared="sqs_heartbeat_beat_process is False")
+        )
     if not available():
         return Main(app, options, None, unfenced=True)
     try:
@@ -411,6 +534,21 @@ def _for_worker(worker: Any) -> Role:
     except OSError:  # the functions exist, but the kernel has no robust lists (qemu-user)
         return Main(app, options, None, unfenced=True)
     return Main(app, options, slots)
+
+
+def _delegating(worker: Any, options: dict[str, HeartbeatOptions]) -> Role:
+    """A worker that beats from a beat process, forked now: before the pool starts a
+    thread. Where none can be made, its own process beats, as it says at start."""
+    app = worker.app
+    if not (supported() and available()):
+        return Main(app, options, None, shared="this platform cannot run a beat process")
+    try:
+        role = Delegating(app, options, Slots(_pool_size(worker)))
+        role.beats.spawn()
+    except OSError as exc:
+        return Main(app, options, None, shared=f"no beat process could be started: {exc}")
+    role.beats.start()
+    return role
 
 
 def _pool_size(worker: Any) -> int:

@@ -14,13 +14,15 @@ task's own ``extend()``, below), and carries ``task_name``, ``task_id``,
 
 * ``heartbeat_started``: ``task_received``, in the thread that receives the message, for
   every message (keep receivers quick: they add to every message).
-* ``heartbeat_stopped``: in the threads, solo, gevent and eventlet pools, ``task_postrun``
-  in the task's thread (reason ``"task ended"``). In a prefork worker, the heartbeat's
-  loop thread, when it next looks at the message after the task ended: usually once
-  Celery has settled it (``"message settled"``), up to an interval after the end.
-  Either way, from the loop when the heartbeat ends early (message gone, limits).
-* ``beat_sent``, ``beat_failed``, ``message_lost``: the heartbeat's threads; for a task's
-  own ``extend()``, the task's thread (in a prefork pool child, in that child).
+* ``heartbeat_stopped``: when the heartbeat next looks at the message after the task
+  ended, usually once Celery has settled it (``"message settled"``), up to an interval
+  after the end: in a prefork worker from its loop thread, in the other pools from the
+  thread that hands on the beat process's reports. With the beat process off,
+  ``task_postrun`` in the task's thread (reason ``"task ended"``). Either way, when the
+  heartbeat ends early (message gone, limits).
+* ``beat_sent``, ``beat_failed``, ``message_lost``: the heartbeat's threads (with a beat
+  process, the worker's thread that hands on its reports); for a task's own
+  ``extend()``, the task's thread (in a prefork pool child, in that child).
 
 A receiver that raises is logged by Celery and does not affect the beat.
 """

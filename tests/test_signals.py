@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -27,7 +28,12 @@ def app() -> Iterator[Celery]:
     # Port 9 (discard) on loopback: nothing listens, and the short tasks here must
     # not call SQS at all.
     app = Celery("signals", broker="sqs://127.0.0.1:9", set_as_current=False)
-    app.conf.update(sqs_heartbeat_enabled=True, task_acks_late=True, sqs_heartbeat_interval=30)
+    app.conf.update(
+        sqs_heartbeat_enabled=True,
+        task_acks_late=True,
+        sqs_heartbeat_interval=30,
+        sqs_heartbeat_beat_process=False,  # the in-process heartbeat; the beat process: below
+    )
     celery_sqs_heartbeat.install(app)
     yield app
     celery_sqs_heartbeat.uninstall()
@@ -243,3 +249,51 @@ def test_a_prefork_child_keeps_one_handle_for_its_task(app: Celery) -> None:
         assert _worker.current(child) is None
     finally:
         child.pop_request()
+
+
+def test_a_threads_worker_beats_from_a_beat_process_that_ends_with_it(app: Celery) -> None:
+    """With ``sqs_heartbeat_beat_process`` (the default) a threads worker forks a beat
+    process at ``worker_init``: each task takes a slot from prerun to postrun and gives
+    it back, ``current()`` is the task's for the whole task, and the beat process exits
+    when the heartbeat is uninstalled (worker shutdown)."""
+    app.conf.sqs_heartbeat_beat_process = True
+
+    @app.task(name="signals.delegated")
+    def delegated() -> None: ...
+
+    start_worker(app)
+    role = _worker._role
+    assert isinstance(role, _worker.Delegating)
+    pid = role.beats.pid
+    assert pid > 0 and _worker.current_sidecar() is None
+    free = sorted(role.free)
+    for i in range(100):
+        run_through_signals(delegated, f"rh-{i}")
+    assert sorted(role.free) == free and not role.running
+
+    receive(delegated, "rh-running")
+    delegated.push_request(
+        id="t1",
+        is_eager=False,
+        properties={"delivery_tag": "rh-running", "delivery_info": {"sqs_queue": QUEUE}},
+    )
+    try:
+        signals.task_prerun.send(sender=delegated, task_id="t1", task=delegated)
+        assert len(role.free) == len(free) - 1
+        handle = _worker.current(delegated)
+        assert handle is not None and _worker.current(delegated) is handle
+        assert handle.receipt_handle == "rh-running"
+        signals.task_postrun.send(sender=delegated, task_id="t1", task=delegated)
+        assert _worker.current(delegated) is None
+    finally:
+        delegated.pop_request()
+
+    _worker.disconnect()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # exited, and reaped
+
+
+def test_the_beat_process_setting_is_validated(app: Celery) -> None:
+    app.conf.sqs_heartbeat_beat_process = "yes"
+    with pytest.raises(SystemExit, match="sqs_heartbeat_beat_process='yes'"):
+        start_worker(app)

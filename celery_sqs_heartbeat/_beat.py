@@ -1,0 +1,475 @@
+"""The beat process: the beats of a threads, solo, gevent or eventlet worker come from a
+small process of the worker's own that runs no task.
+
+In these pools the tasks run in the worker's main process, so a heartbeat thread there
+shares their interpreter: a task stuck in one C call that holds the GIL, or a greenlet
+that never yields, would starve it. At ``worker_init``, before the pool starts a thread,
+the worker forks a process that runs only a sidecar (``_sidecar``), as a prefork
+worker's main process does for its children. The fork shares the loaded modules
+copy-on-write, and ``gc.freeze()`` in the child keeps its collector from writing to
+(and so copying) them.
+
+Between the two processes:
+
+* Two socket pairs of packets (``SOCK_SEQPACKET``), one per direction. A ``send`` is one
+  whole packet, so any thread sends without a lock, and the end of either process is an
+  end-of-file for the other. The worker sends each message it receives (``add``), each
+  message Celery settled before its task ended there (``settled``) and its log level.
+  The beat process sends back what its sidecar reports (``settled``, ``ended``) and its
+  own log records: the worker counts, signals and logs them itself, so receivers, log
+  lines and :func:`~celery_sqs_heartbeat.stats` stay in the worker. A worker too busy
+  to read (a task holding the GIL) never holds up a beat: reports that do not fit the
+  socket's buffer are dropped, and counted.
+* The slots of ``_slots``, mapped before the fork: the task's thread or greenlet writes
+  one at ``task_prerun`` and ``task_postrun``, as a prefork pool child does, so
+  ``task_postrun`` stays final.
+
+The beat process dies with the worker: at the end-of-file, and on Linux at once
+(``PR_SET_PDEATHSIG``) when the worker is SIGKILLed. It ignores SIGTERM, SIGINT and
+SIGQUIT, so a signal sent to the whole group (systemd's default) leaves the worker's
+drain its beats. A beat process that dies is replaced at once by the worker's link
+thread, which hands the new one every message the worker still holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+import os
+import pickle
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from ._client import Clients
+from ._heartbeat import Ended, Heartbeat, Settled
+from ._report import STARTED, STOPPED, Counters, Reporter
+from ._send import Answer, Sender
+from ._settings import HeartbeatOptions
+from ._sidecar import Sidecar
+from ._slots import Slots
+
+__all__ = ["BeatProcess", "supported"]
+
+logger = logging.getLogger("celery_sqs_heartbeat")
+
+#: How often the worker's link thread looks for messages Celery settled, and how often
+#: the beat process makes sure its worker is still there, in seconds.
+LINK_POLL = 0.2
+#: The largest packet either side reads: a message's receipt handle and queue URL, or a
+#: log record with its traceback, fit many times over.
+MAX_PACKET = 1 << 20
+#: A beat process that dies sooner than this after its start is replaced only this long
+#: after it started, so one that cannot start does not fork in a loop.
+RESPAWN_PAUSE = 1.0
+#: How long worker shutdown waits for the beat process to exit before it kills it.
+EXIT_WAIT = 2.0
+#: The worker's link thread's name.
+LINK_THREAD = "celery-sqs-heartbeat-link"
+#: The beat process's name in the worker's log lines (``%(processName)s``).
+PROCESS_NAME = "HeartbeatProcess"
+#: ``prctl(PR_SET_PDEATHSIG, ...)``: Linux's number for it.
+_PR_SET_PDEATHSIG = 1
+_PICKLE = pickle.HIGHEST_PROTOCOL
+
+
+def supported() -> bool:
+    """Whether this platform can run a beat process (fork and packet sockets)."""
+    return hasattr(os, "fork") and hasattr(socket, "SOCK_SEQPACKET")
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+class BeatProcess:
+    """The worker's side: it forks the beat process, feeds it, and replaces it."""
+
+    def __init__(
+        self,
+        slots: Slots,
+        reporter: Reporter,
+        clients: Callable[[], Clients],
+        options: dict[str, HeartbeatOptions],
+    ) -> None:
+        self._slots = slots
+        self._report = reporter
+        self._clients = clients
+        self._options = options
+        #: The beat process, and the worker's ends of its two socket pairs.
+        self.pid = 0
+        self._commands: socket.socket | None = None
+        self._reports: socket.socket | None = None
+        #: Bumped by each new beat process: a message sent to an older one is sent again.
+        self._generation = 0
+        self._spawned_at = 0.0
+        self._level = logging.NOTSET
+        #: Messages received, on their way to the link thread: (packet, message,
+        #: receipt handle, generation it was sent to).
+        self._received: queue.SimpleQueue[tuple[bytes, Any, str, int]] = queue.SimpleQueue()
+        #: The link thread's own: every message the beat process beats, by receipt
+        #: handle, with Celery's message and the packet that added it.
+        self._held: dict[str, tuple[Any, bytes]] = {}
+        self._swept = 0.0
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the worker's threads ------------------------------------------------------------
+
+    def spawn(self) -> None:
+        """Fork a beat process (raises ``OSError`` where that fails)."""
+        commands, theirs_commands = _pair()
+        reports, theirs_reports = _pair()
+        pid = os.fork()
+        if pid == 0:  # the beat process: it never returns to Celery
+            try:
+                commands.close()
+                reports.close()
+                _serve(theirs_commands, theirs_reports, self._slots, self._clients, self._level)
+            finally:
+                os._exit(0)
+        theirs_commands.close()
+        theirs_reports.close()
+        reports.settimeout(LINK_POLL)
+        self._reports, self.pid = reports, pid
+        self._commands = commands  # before the generation: see add()
+        self._generation += 1
+        self._spawned_at = time.monotonic()
+
+    def start(self) -> None:
+        """Start the link thread that reads the beat process's reports."""
+        self._thread = threading.Thread(target=self._link, name=LINK_THREAD, daemon=True)
+        self._thread.start()
+
+    def add(self, hb: Heartbeat, message: Any) -> None:
+        """Beat *hb*'s message from its receipt (``task_received``, the consumer's thread)."""
+        packet = pickle.dumps(
+            (
+                "add",
+                hb.receipt_handle,
+                hb.queue_url,
+                hb.options,
+                hb.received,
+                hb.task_name,
+                hb.task_id,
+            ),
+            _PICKLE,
+        )
+        generation, commands = self._generation, self._commands
+        self._received.put((packet, message, hb.receipt_handle, generation))
+        _send(commands, packet)
+
+    def level(self, level: int) -> None:
+        """The worker's log level, once logging is set up: the beat process logs as much."""
+        self._level = level
+        _send(self._commands, pickle.dumps(("level", level), _PICKLE))
+
+    def close(self) -> None:
+        """Stop the beat process and the link thread (worker shutdown)."""
+        self._stopping.set()
+        commands, self._commands = self._commands, None
+        if commands is not None:
+            commands.close()  # the beat process's end-of-file
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(EXIT_WAIT)
+        if self.pid and not _reaped(self.pid, EXIT_WAIT):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            _reaped(self.pid, EXIT_WAIT)
+        self.pid = 0
+
+    # -- the link thread ---------------------------------------------------------------
+
+    def _link(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._turn()
+            except Exception:  # pragma: no cover - a bug; keep the link alive
+                logger.exception("celery-sqs-heartbeat: unexpected error in the beat link")
+                self._stopping.wait(LINK_POLL)
+
+    def _turn(self) -> None:
+        reports = self._reports
+        assert reports is not None
+        try:
+            packet: bytes | None = reports.recv(MAX_PACKET)
+        except TimeoutError:
+            packet = None
+        except OSError:
+            packet = b""
+        self._take_received()
+        if packet == b"":
+            if not self._stopping.is_set():
+                self._replace()
+            return
+        if packet:
+            self._on_report(pickle.loads(packet))
+        if time.monotonic() >= self._swept + LINK_POLL:
+            self._sweep()
+
+    def _take_received(self) -> None:
+        while True:
+            try:
+                packet, message, receipt_handle, generation = self._received.get_nowait()
+            except queue.Empty:
+                return
+            self._held[receipt_handle] = (message, packet)
+            if generation != self._generation:  # sent to a beat process that died
+                _send(self._commands, packet)
+
+    def _sweep(self) -> None:
+        """Tell the beat process of each message Celery settled (acknowledged, rejected,
+        requeued) whose heartbeat still runs there."""
+        self._swept = time.monotonic()
+        settled = [rh for rh, (message, _) in self._held.items() if message.acknowledged]
+        for receipt_handle in settled:
+            del self._held[receipt_handle]
+            _send(self._commands, pickle.dumps(("settled", receipt_handle), _PICKLE))
+
+    def _on_report(self, report: tuple[Any, ...]) -> None:
+        kind = report[0]
+        if kind == "settled":
+            self._report.settled(report[1])
+        elif kind == "ended":
+            _, hb, beats, detail = report
+            message, _ = self._held.pop(hb.receipt_handle, (None, b""))
+            if hb.ended is Ended.GONE and message is not None and message.acknowledged:
+                hb.ended = Ended.SETTLED  # a copy: Celery settled it as the beat went out
+            self._report.ended(hb, beats, detail)
+        elif kind == "log":
+            record = logging.makeLogRecord(report[1])
+            if logger.isEnabledFor(record.levelno):
+                logger.handle(record)
+
+    def _replace(self) -> None:
+        """The beat process died: make another, and hand it what the worker holds."""
+        died = time.monotonic()
+        old = self.pid
+        status = _exit_status(old)
+        self._stopping.wait(max(0.0, self._spawned_at + RESPAWN_PAUSE - died))
+        if self._stopping.is_set():
+            return
+        self._take_received()
+        try:
+            self.spawn()
+        except OSError as exc:
+            logger.error(
+                "celery-sqs-heartbeat: the beat process (pid %d) %s and no new one could be "
+                "started (%s); the messages this worker holds (%d) are no longer beaten.",
+                old,
+                status,
+                exc,
+                len(self._held),
+            )
+            self._stopping.set()
+            return
+        logger.warning(
+            "celery-sqs-heartbeat: the beat process (pid %d) %s; beats were paused for "
+            "%.1f s. A new one (pid %d) beats the messages this worker holds (%d).",
+            old,
+            status,
+            time.monotonic() - died,
+            self.pid,
+            len(self._held),
+        )
+        if self._level:
+            self.level(self._level)
+        for _, packet in self._held.values():
+            _send(self._commands, packet)
+
+
+def _send(sock: socket.socket | None, packet: bytes) -> None:
+    """Send one packet; a beat process that is gone is the link thread's to replace."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.send(packet, socket.MSG_NOSIGNAL)
+
+
+def _reaped(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if done:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
+def _exit_status(pid: int) -> str:
+    """How process *pid* ended, reaped now, in words."""
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return "exited"
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+# -- the beat process ------------------------------------------------------------------------
+
+
+class _Forwarder(Reporter):
+    """The beat process's reporter: it hands every report to the worker."""
+
+    def __init__(self, counters: Counters, reports: socket.socket) -> None:
+        super().__init__(counters, region=lambda: None)
+        self._reports = reports
+        #: Reports dropped because the worker did not read them in time.
+        self.dropped = 0
+
+    def started(self, hb: Heartbeat) -> None:
+        pass  # the worker reported it at task_received
+
+    def settled(self, s: Settled) -> None:
+        if s.answer.error is not None:
+            s = _portable(s)
+        self._forward(("settled", s))
+
+    def ended(self, hb: Heartbeat, beats: int, detail: str = "") -> None:
+        self._forward(("ended", hb, beats, detail))
+
+    def _forward(self, report: tuple[Any, ...]) -> None:
+        try:
+            self._reports.send(pickle.dumps(report, _PICKLE), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            self.dropped += 1
+        except OSError:
+            pass  # the worker is gone; so is this process, soon
+
+
+class BeatProcessError(Exception):
+    """An unexpected error in the beat process, as its traceback."""
+
+
+def _portable(s: Settled) -> Settled:
+    """*s* with its error as text: an exception may not survive pickling."""
+    error = s.answer.error
+    assert error is not None
+    text = "".join(traceback.format_exception(error)).rstrip()
+    answer = Answer(s.answer.failure, s.answer.detail, BeatProcessError(text))
+    return Settled(
+        s.hb,
+        s.asked,
+        answer,
+        s.lateness,
+        s.retry_in,
+        s.beats,
+        s.failures,
+        s.manual,
+        s.moot,
+        s.ended,
+    )
+
+
+class _ForwardLogs(logging.Handler):
+    """Hands the beat process's own log records to the worker, which logs them."""
+
+    def __init__(self, reports: socket.socket) -> None:
+        super().__init__()
+        self._reports = reports
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = dict(record.__dict__)
+        fields["msg"], fields["args"] = record.getMessage(), None
+        fields["processName"] = PROCESS_NAME
+        if record.exc_info:
+            fields["exc_text"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        fields["exc_info"] = None
+        with contextlib.suppress(OSError):
+            self._reports.send(pickle.dumps(("log", fields), _PICKLE), socket.MSG_DONTWAIT)
+
+
+def _serve(
+    commands: socket.socket,
+    reports: socket.socket,
+    slots: Slots,
+    make_clients: Callable[[], Clients],
+    level: int,
+) -> None:
+    """The beat process's life: beat what the worker sends until the worker is gone."""
+    parent = os.getppid()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_IGN)
+    _die_with_parent()
+    if os.getppid() != parent:
+        return
+    gc.freeze()  # the worker's objects stay shared: the collector no longer writes them
+    _new_green_hub()
+    logger.handlers[:] = [_ForwardLogs(reports)]
+    logger.propagate = False
+    if level:
+        logger.setLevel(level)
+    counters = Counters(*slots.counter_blocks(None, beat=True))
+    counters.own[STOPPED] = counters.own[STARTED]  # what a dead one held is counted again
+    slots.forget_in_flight()
+    try:
+        clients = make_clients()
+    except Exception:
+        logger.exception(
+            "celery-sqs-heartbeat: the beat process could not make an SQS client; the "
+            "worker's messages are not beaten."
+        )
+        return
+    sidecar = Sidecar(
+        Sender(clients.for_queue),
+        _Forwarder(counters, reports),
+        call_timeout=clients.timeout,
+        fence=slots,
+    )
+    sidecar.run_in_background()
+    commands.settimeout(LINK_POLL)
+    while True:
+        try:
+            packet = commands.recv(MAX_PACKET)
+        except TimeoutError:
+            if os.getppid() != parent:
+                break
+            continue
+        except OSError:
+            break
+        if not packet:
+            break  # the worker closed its end, or died
+        command = pickle.loads(packet)
+        kind = command[0]
+        if kind == "add":
+            sidecar.add(Heartbeat(*command[1:]))
+        elif kind == "settled":
+            sidecar.stop(command[1], Ended.SETTLED)
+        elif kind == "level":
+            logger.setLevel(command[1])
+    sidecar.shutdown(EXIT_WAIT)
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel SIGKILL this process the moment its parent dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # elsewhere: the end-of-file and the parent check
+
+
+def _new_green_hub() -> None:
+    """Under eventlet the fork shares the worker's hub (its epoll set): make our own.
+    (gevent's fork makes a new hub itself.)"""
+    if "eventlet" not in sys.modules:
+        return
+    from eventlet import hubs, patcher  # type: ignore[import-untyped]
+
+    if patcher.is_monkey_patched("socket"):
+        hubs.use_hub()
