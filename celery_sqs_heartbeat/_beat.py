@@ -3,32 +3,36 @@ small process of the worker's own that runs no task.
 
 In these pools the tasks run in the worker's main process, so a heartbeat thread there
 shares their interpreter: a task stuck in one C call that holds the GIL, or a greenlet
-that never yields, would starve it. At ``worker_init``, before the pool starts a thread,
-the worker forks a process that runs only a sidecar (``_sidecar``), as a prefork
-worker's main process does for its children. The fork shares the loaded modules
-copy-on-write, and ``gc.freeze()`` in the child keeps its collector from writing to
-(and so copying) them.
+that never yields, would starve it. At ``worker_ready``, once kombu has connected and
+before the pool starts a thread (the worker's only thread is its main thread then), the
+worker forks a process that runs only a sidecar (``_sidecar``), as a prefork worker's
+main process does for its children. The fork shares the loaded modules and kombu's
+parsed SQS models copy-on-write, and ``gc.freeze()`` in the child keeps its collector
+from writing to (and so copying) them.
 
 Between the two processes:
 
 * Two socket pairs of packets (``SOCK_SEQPACKET``), one per direction. A ``send`` is one
   whole packet, so any thread sends without a lock, and the end of either process is an
-  end-of-file for the other. The worker sends each message it receives (``add``), each
-  message Celery settled before its task ended there (``settled``) and its log level.
+  end-of-file for the other. The worker sends each message it receives (``add``) and
+  each message Celery settled before its task ended there (``settled``).
   The beat process sends back what its sidecar reports (``settled``, ``ended``) and its
   own log records: the worker counts, signals and logs them itself, so receivers, log
   lines and :func:`~celery_sqs_heartbeat.stats` stay in the worker. A worker too busy
   to read (a task holding the GIL) never holds up a beat: reports that do not fit the
-  socket's buffer are dropped, and counted.
+  socket's buffer are dropped, and the worker says how many.
 * The slots of ``_slots``, mapped before the fork: the task's thread or greenlet writes
   one at ``task_prerun`` and ``task_postrun``, as a prefork pool child does, so
   ``task_postrun`` stays final.
 
-The beat process dies with the worker: at the end-of-file, and on Linux at once
-(``PR_SET_PDEATHSIG``) when the worker is SIGKILLed. It ignores SIGTERM, SIGINT and
+The worker's child is a *keeper*, which forks the beat process and forks another at
+once if it dies (the worker's link thread then hands the new one every message it still
+holds). So each beat process is a fork of the quiet worker at ``worker_ready``, never of
+a worker running tasks: a fork of a green worker would copy its running greenlets. Both
+die with the worker: the beat process at the end-of-file, and on Linux both at once
+(``PR_SET_PDEATHSIG``) when their parent is SIGKILLed. They ignore SIGTERM, SIGINT and
 SIGQUIT, so a signal sent to the whole group (systemd's default) leaves the worker's
-drain its beats. A beat process that dies is replaced at once by the worker's link
-thread, which hands the new one every message the worker still holds.
+drain its beats.
 """
 
 from __future__ import annotations
@@ -104,8 +108,12 @@ class BeatProcess:
         self._report = reporter
         self._clients = clients
         self._options = options
-        #: The beat process, and the worker's ends of its two socket pairs.
+        #: The keeper (the worker's child that forks the beat process, and forks it again
+        #: if it dies), the beat process, and the worker's ends of their socket pairs.
+        self.keeper = 0
         self.pid = 0
+        #: A green worker cannot fork safely once its greenlets run (see _replace).
+        self.green = False
         self._commands: socket.socket | None = None
         self._reports: socket.socket | None = None
         #: Bumped by each new beat process: a message sent to an older one is sent again.
@@ -124,22 +132,25 @@ class BeatProcess:
 
     # -- the worker's threads ------------------------------------------------------------
 
-    def spawn(self) -> None:
-        """Fork a beat process (raises ``OSError`` where that fails)."""
+    def spawn(self, level: int | None = None) -> None:
+        """Fork a beat process that logs at *level* (raises ``OSError`` where that
+        fails); messages received before are sent to it (by the link thread)."""
+        if level is not None:
+            self._level = level
         commands, theirs_commands = _pair()
         reports, theirs_reports = _pair()
         pid = os.fork()
-        if pid == 0:  # the beat process: it never returns to Celery
+        if pid == 0:  # the keeper: it never returns to Celery
             try:
                 commands.close()
                 reports.close()
-                _serve(theirs_commands, theirs_reports, self._slots, self._clients, self._level)
+                _keep(theirs_commands, theirs_reports, self._slots, self._clients, self._level)
             finally:
                 os._exit(0)
         theirs_commands.close()
         theirs_reports.close()
         reports.settimeout(LINK_POLL)
-        self._reports, self.pid = reports, pid
+        self._reports, self.keeper, self.pid = reports, pid, 0
         self._commands = commands  # before the generation: see add()
         self._generation += 1
         self._spawned_at = time.monotonic()
@@ -167,11 +178,6 @@ class BeatProcess:
         self._received.put((packet, message, hb.receipt_handle, generation))
         _send(commands, packet)
 
-    def level(self, level: int) -> None:
-        """The worker's log level, once logging is set up: the beat process logs as much."""
-        self._level = level
-        _send(self._commands, pickle.dumps(("level", level), _PICKLE))
-
     def close(self) -> None:
         """Stop the beat process and the link thread (worker shutdown)."""
         self._stopping.set()
@@ -181,11 +187,11 @@ class BeatProcess:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(EXIT_WAIT)
-        if self.pid and not _reaped(self.pid, EXIT_WAIT):
+        if self.keeper and not _reaped(self.keeper, EXIT_WAIT):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            _reaped(self.pid, EXIT_WAIT)
-        self.pid = 0
+                os.kill(self.keeper, signal.SIGKILL)  # and so the beat process (pdeathsig)
+            _reaped(self.keeper, EXIT_WAIT)
+        self.keeper = self.pid = 0
 
     # -- the link thread ---------------------------------------------------------------
 
@@ -249,22 +255,54 @@ class BeatProcess:
             record = logging.makeLogRecord(report[1])
             if logger.isEnabledFor(record.levelno):
                 logger.handle(record)
+        elif kind == "started":
+            self._started(*report[1:])
+        elif kind == "dropped":
+            logger.warning(
+                "celery-sqs-heartbeat: the worker was too busy to read %d reports of its beat "
+                "process in time; their signals, counters and log lines are missing (the "
+                "beats were sent).",
+                report[1],
+            )
+
+    def _started(self, pid: int, old: int, status: str, paused: float) -> None:
+        """The keeper forked beat process *pid*; in place of *old*, which died."""
+        self.pid = pid
+        if not old:
+            logger.info(
+                "celery-sqs-heartbeat: the beats come from the worker's beat process "
+                "(pid %d), which runs no task.",
+                pid,
+            )
+            return
+        logger.warning(
+            "celery-sqs-heartbeat: the beat process (pid %d) %s; beats were paused for "
+            "%.1f s. A new one (pid %d) beats the messages this worker holds (%d).",
+            old,
+            status,
+            paused,
+            pid,
+            len(self._held),
+        )
+        for _, packet in self._held.values():
+            _send(self._commands, packet)
 
     def _replace(self) -> None:
-        """The beat process died: make another, and hand it what the worker holds."""
-        died = time.monotonic()
-        old = self.pid
-        status = _exit_status(old)
-        self._stopping.wait(max(0.0, self._spawned_at + RESPAWN_PAUSE - died))
-        if self._stopping.is_set():
-            return
+        """The keeper died (and so the beat process): fork another, unless this is a
+        green worker, whose fork would copy its running greenlets (a second consumer,
+        the tasks) into the new process."""
+        old, status = self.keeper, _exit_status(self.keeper)
         self._take_received()
         try:
+            if self.green:
+                raise OSError("a green worker cannot fork once it runs")
+            self._stopping.wait(max(0.0, self._spawned_at + RESPAWN_PAUSE - time.monotonic()))
             self.spawn()
         except OSError as exc:
             logger.error(
-                "celery-sqs-heartbeat: the beat process (pid %d) %s and no new one could be "
-                "started (%s); the messages this worker holds (%d) are no longer beaten.",
+                "celery-sqs-heartbeat: the beat process's keeper (pid %d) %s and no new one "
+                "could be started (%s); the messages this worker holds (%d) are no longer "
+                "beaten.",
                 old,
                 status,
                 exc,
@@ -273,16 +311,13 @@ class BeatProcess:
             self._stopping.set()
             return
         logger.warning(
-            "celery-sqs-heartbeat: the beat process (pid %d) %s; beats were paused for "
-            "%.1f s. A new one (pid %d) beats the messages this worker holds (%d).",
+            "celery-sqs-heartbeat: the beat process's keeper (pid %d) %s; a new one (pid "
+            "%d) starts a beat process for the messages this worker holds (%d).",
             old,
             status,
-            time.monotonic() - died,
-            self.pid,
+            self.keeper,
             len(self._held),
         )
-        if self._level:
-            self.level(self._level)
         for _, packet in self._held.values():
             _send(self._commands, packet)
 
@@ -310,17 +345,32 @@ def _reaped(pid: int, timeout: float) -> bool:
 
 
 def _exit_status(pid: int) -> str:
-    """How process *pid* ended, reaped now, in words."""
+    """How child *pid* ended, reaped now, in words."""
     try:
         _, status = os.waitpid(pid, 0)
     except ChildProcessError:
         return "exited"
+    return _status(status)
+
+
+def _status(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
 
 # -- the beat process ------------------------------------------------------------------------
+
+
+def _forward(reports: socket.socket, report: tuple[Any, ...]) -> bool:
+    """Hand *report* to the worker without waiting; False if it does not fit now."""
+    try:
+        reports.send(pickle.dumps(report, _PICKLE), socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass  # the worker is gone; so is this process, soon
+    return True
 
 
 class _Forwarder(Reporter):
@@ -344,12 +394,10 @@ class _Forwarder(Reporter):
         self._forward(("ended", hb, beats, detail))
 
     def _forward(self, report: tuple[Any, ...]) -> None:
-        try:
-            self._reports.send(pickle.dumps(report, _PICKLE), socket.MSG_DONTWAIT)
-        except BlockingIOError:
+        if not _forward(self._reports, report):
             self.dropped += 1
-        except OSError:
-            pass  # the worker is gone; so is this process, soon
+        elif self.dropped and _forward(self._reports, ("dropped", self.dropped)):
+            self.dropped = 0
 
 
 class BeatProcessError(Exception):
@@ -390,8 +438,48 @@ class _ForwardLogs(logging.Handler):
         if record.exc_info:
             fields["exc_text"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
         fields["exc_info"] = None
-        with contextlib.suppress(OSError):
-            self._reports.send(pickle.dumps(("log", fields), _PICKLE), socket.MSG_DONTWAIT)
+        _forward(self._reports, ("log", fields))
+
+
+def _keep(
+    commands: socket.socket,
+    reports: socket.socket,
+    slots: Slots,
+    make_clients: Callable[[], Clients],
+    level: int,
+) -> None:
+    """The keeper's life: fork the beat process, and fork it again whenever it dies,
+    until it exits of itself (the worker closed its end) or the worker is gone.
+
+    The keeper is forked while the worker is still quiet (at ``worker_ready``, one
+    thread, no greenlet running but the main one), and it does nothing else: each beat
+    process is a fork of that quiet state, never of a worker running tasks.
+    """
+    worker = os.getppid()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_IGN)
+    _die_with_parent()
+    if os.getppid() != worker:
+        return
+    gc.freeze()  # the worker's objects stay shared: the collector no longer writes them
+    _new_green_hub()
+    old, status, died = 0, "", 0.0
+    while True:
+        started = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _serve(commands, reports, slots, make_clients, level)
+            finally:
+                os._exit(0)
+        paused = started - died if old else 0.0
+        _forward(reports, ("started", pid, old, status, paused))
+        _, code = os.waitpid(pid, 0)
+        if os.getppid() != worker or (os.WIFEXITED(code) and os.WEXITSTATUS(code) == 0):
+            return  # the worker is gone, or closed its end: the beat process's end too
+        old, status, died = pid, _status(code), time.monotonic()
+        if died - started < RESPAWN_PAUSE:  # one that cannot start does not fork in a loop
+            time.sleep(RESPAWN_PAUSE)
 
 
 def _serve(
@@ -402,14 +490,10 @@ def _serve(
     level: int,
 ) -> None:
     """The beat process's life: beat what the worker sends until the worker is gone."""
-    parent = os.getppid()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        signal.signal(signum, signal.SIG_IGN)
+    keeper = os.getppid()
     _die_with_parent()
-    if os.getppid() != parent:
+    if os.getppid() != keeper:
         return
-    gc.freeze()  # the worker's objects stay shared: the collector no longer writes them
-    _new_green_hub()
     logger.handlers[:] = [_ForwardLogs(reports)]
     logger.propagate = False
     if level:
@@ -437,7 +521,7 @@ def _serve(
         try:
             packet = commands.recv(MAX_PACKET)
         except TimeoutError:
-            if os.getppid() != parent:
+            if os.getppid() != keeper:
                 break
             continue
         except OSError:
@@ -450,8 +534,6 @@ def _serve(
             sidecar.add(Heartbeat(*command[1:]))
         elif kind == "settled":
             sidecar.stop(command[1], Ended.SETTLED)
-        elif kind == "level":
-            logger.setLevel(command[1])
     sidecar.shutdown(EXIT_WAIT)
 
 

@@ -11,7 +11,7 @@ signal and replaced whole at fork, so no handler asks which pool or process it r
   ``task_postrun`` tell the sidecar directly.
 * :class:`Delegating` instead in a threads, solo, gevent or eventlet worker (unless
   ``sqs_heartbeat_beat_process`` is False): the tasks run in this process, so the beats
-  come from a beat process it forks at ``worker_init`` (``_beat``). It hands that
+  come from a beat process it forks at ``worker_ready`` (``_beat``). It hands that
   process every message it receives, and each task writes a slot, as a prefork child
   does.
 * :class:`Child`, a prefork pool child, made at ``worker_process_init`` from the
@@ -445,7 +445,11 @@ class Delegating(_Writer):
         broker = BrokerInfo.from_app(app)
         assert broker is not None
         self.reporter = Reporter(self.counters, region=broker.region)
-        self.beats = BeatProcess(slots, self.reporter, lambda: _clients(app, options), options)
+        #: kombu's botocore data loader, which the beat process's client shares.
+        self.loader: Any = None
+        self.beats = BeatProcess(
+            slots, self.reporter, lambda: _clients(app, options, self.loader), options
+        )
         for index in range(slots.capacity):
             slots.attach(index, os.getpid())
         #: The slots no task uses. Taken and given back by the tasks' threads: a list's
@@ -496,12 +500,22 @@ class Delegating(_Writer):
         return running.handle
 
     def ready(self, consumer: Any) -> None:
-        self.beats.level(logger.getEffectiveLevel())
-        logger.info(
-            "celery-sqs-heartbeat: the beats come from the worker's beat process (pid %d), "
-            "which runs no task.",
-            self.beats.pid,
-        )
+        # Forked now: the consumer has connected, so kombu's client has parsed the SQS
+        # models and the beat process's client shares them (about 20 MB less in all
+        # than a fork at worker_init), and the pool has started no thread yet. A
+        # message received before is sent to it then.
+        self.loader = kombu_loader(consumer)
+        self.beats.green = getattr(getattr(consumer, "pool", None), "is_green", False)
+        try:
+            self.beats.spawn(level=logger.getEffectiveLevel())
+        except OSError as exc:
+            logger.error(
+                "celery-sqs-heartbeat: no beat process could be started (%s); the worker's "
+                "messages are not beaten.",
+                exc,
+            )
+            return
+        self.beats.start()  # its link thread says which process beats, once it does
 
     def shutdown(self) -> None:
         self.beats.close()
@@ -537,18 +551,15 @@ def _for_worker(worker: Any) -> Role:
 
 
 def _delegating(worker: Any, options: dict[str, HeartbeatOptions]) -> Role:
-    """A worker that beats from a beat process, forked now: before the pool starts a
-    thread. Where none can be made, its own process beats, as it says at start."""
+    """A worker that beats from a beat process (forked at ``worker_ready``). Where none
+    can be made, its own process beats, as it says at start."""
     app = worker.app
     if not (supported() and available()):
         return Main(app, options, None, shared="this platform cannot run a beat process")
     try:
-        role = Delegating(app, options, Slots(_pool_size(worker)))
-        role.beats.spawn()
-    except OSError as exc:
-        return Main(app, options, None, shared=f"no beat process could be started: {exc}")
-    role.beats.start()
-    return role
+        return Delegating(app, options, Slots(_pool_size(worker)))  # before any thread
+    except OSError as exc:  # robust mutexes that fail to initialise (qemu-user)
+        return Main(app, options, None, shared=f"no slots could be mapped: {exc}")
 
 
 def _pool_size(worker: Any) -> int:

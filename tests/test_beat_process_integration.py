@@ -105,3 +105,30 @@ def test_a_killed_beat_process_is_replaced_and_the_task_runs_once(
     assert [r.event for r in found if r.task_id == task_id] == ["start", "end"]
     after = [b for b in beats_for(scenario, start.receipt_handle, VISIBILITY) if b > killed_at]
     assert len(after) >= 2, "the new beat process did not beat the message"
+
+
+def test_a_killed_keeper_is_replaced_in_a_threads_worker(scenario: Scenario) -> None:
+    """SIGKILL the keeper, the worker's child that forks the beat process: the beat
+    process dies with it, the threads worker forks another keeper, and the task runs
+    once."""
+    conf = scenario.config(
+        queue_timeout=QUEUE_TIMEOUT, heartbeat=True, interval=INTERVAL, visibility=VISIBILITY
+    )
+    scenario.start_workers(conf, 2, pool="threads")
+    task_id = scenario.send(conf, "sleep", TASK_SECONDS)
+    (start,) = scenario.wait_starts(task_id, 1, timeout=20)
+    worker = next(w for w in scenario.workers if w.name == start.worker)
+    wait_for(lambda: len(scenario.beats()) >= 2, timeout=10, what="two beats")
+    assert worker.process is not None
+    (keeper,) = (
+        Path(f"/proc/{worker.process.pid}/task/{worker.process.pid}/children").read_text().split()
+    )
+
+    os.kill(int(keeper), signal.SIGKILL)
+    killed_at = time.time()
+    wait_for(lambda: worker.log_lines("keeper (pid"), timeout=INTERVAL + 2, what="a new keeper")
+
+    found = scenario.wait_settled(timeout=60)
+    assert [r.event for r in found if r.task_id == task_id] == ["start", "end"]
+    after = [b for b in beats_for(scenario, start.receipt_handle, VISIBILITY) if b > killed_at]
+    assert len(after) >= 2, "the new beat process did not beat the message"

@@ -17,6 +17,7 @@ from celery_sqs_heartbeat import _worker
 from celery_sqs_heartbeat._send import ACCEPTED
 from celery_sqs_heartbeat._settings import resolve_tasks, startup_warnings
 from celery_sqs_heartbeat._sidecar import THREAD_NAME
+from celery_sqs_heartbeat.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -253,7 +254,7 @@ def test_a_prefork_child_keeps_one_handle_for_its_task(app: Celery) -> None:
 
 def test_a_threads_worker_beats_from_a_beat_process_that_ends_with_it(app: Celery) -> None:
     """With ``sqs_heartbeat_beat_process`` (the default) a threads worker forks a beat
-    process at ``worker_init``: each task takes a slot from prerun to postrun and gives
+    process at ``worker_ready``: each task takes a slot from prerun to postrun and gives
     it back, ``current()`` is the task's for the whole task, and the beat process exits
     when the heartbeat is uninstalled (worker shutdown)."""
     app.conf.sqs_heartbeat_beat_process = True
@@ -264,8 +265,12 @@ def test_a_threads_worker_beats_from_a_beat_process_that_ends_with_it(app: Celer
     start_worker(app)
     role = _worker._role
     assert isinstance(role, _worker.Delegating)
-    pid = role.beats.pid
-    assert pid > 0 and _worker.current_sidecar() is None
+    receive(delegated, "rh-early")  # before the beat process: sent to it once it runs
+    signals.worker_ready.send(sender=Stand(app=app, pool=None))
+    keeper = role.beats.keeper
+    pid = wait_for(lambda: role.beats.pid, timeout=10, what="the beat process")
+    assert keeper > 0 and _worker.current_sidecar() is None
+    wait_for(lambda: _worker.counters().stats().started == 1, timeout=10, what="rh-early")
     free = sorted(role.free)
     for i in range(100):
         run_through_signals(delegated, f"rh-{i}")
@@ -290,7 +295,8 @@ def test_a_threads_worker_beats_from_a_beat_process_that_ends_with_it(app: Celer
 
     _worker.disconnect()
     with pytest.raises(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)  # exited, and reaped
+        os.waitpid(keeper, os.WNOHANG)  # exited, and reaped
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=5, what="the beat process gone")
 
 
 def test_the_beat_process_setting_is_validated(app: Celery) -> None:
