@@ -41,9 +41,11 @@ visibility runs out, within one window of its last beat, as it would without the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from queue import Empty
 from typing import Any
 
 from celery import bootsteps
@@ -248,20 +250,46 @@ def _timer_entries(w: Any, wanted: _Wanted) -> Iterator[Any]:
             yield request
 
 
-def _queued_in_executor(w: Any, wanted: _Wanted) -> Iterator[Any]:
-    """Celery 5.7 threads-pool requests still queued in the executor, cancelled
-    (``Future.cancel`` fails for work a thread has begun, atomically)."""
+def _queued_in_executor(w: Any, wanted: _Wanted) -> list[Any]:
+    """Celery 5.7 threads-pool requests still queued in the executor, cancelled.
+
+    The pool keeps no reference to its futures (the request's ``_apply_result`` is a
+    weak reference to an object nothing else holds), so the executor's queue is read:
+    emptied, each wanted item's future cancelled, and the others put back in order. A
+    thread that frees up meanwhile waits for them; an item taken out never runs.
+    """
     import celery
     from celery.concurrency.thread import TaskPool
-    from celery.worker.state import reserved_requests
 
-    if tuple(celery.VERSION[:2]) < THREADS_CANCEL_QUEUED or not isinstance(
-        getattr(w, "pool", None), TaskPool
+    pool = getattr(w, "pool", None)
+    queue = getattr(getattr(pool, "executor", None), "_work_queue", None)
+    if (
+        tuple(celery.VERSION[:2]) < THREADS_CANCEL_QUEUED
+        or not isinstance(pool, TaskPool)
+        or queue is None
     ):
-        return
-    for request in tuple(reserved_requests):
-        ref = getattr(request, "_apply_result", None)
-        result = ref() if ref is not None else None
-        future: Future[Any] | None = getattr(result, "f", None)
-        if isinstance(future, Future) and wanted(request) and future.cancel():
-            yield request
+        return []
+    items, taken = [], []
+    try:
+        with contextlib.suppress(Empty):
+            while True:
+                items.append(queue.get_nowait())
+        for item in list(items):
+            # A _WorkItem of ``executor.submit(apply_target, target, args, kwargs,
+            # callback, ...)``: its callback is the request's ``on_success``.
+            submitted: tuple[Any, ...] = getattr(item, "args", None) or ()
+            callback = submitted[3] if len(submitted) > 3 else None
+            request = _request(getattr(callback, "__self__", None))
+            future = getattr(item, "future", None)
+            if (
+                request is not None
+                and isinstance(future, Future)
+                and wanted(request)
+                and future.cancel()
+            ):
+                items.remove(item)
+                taken.append(request)
+    finally:
+        for item in items:
+            queue.put(item)
+    return taken

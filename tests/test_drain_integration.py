@@ -20,7 +20,8 @@ import pytest
 
 from celery_sqs_heartbeat.testing import WorkerProcess, wait_for
 
-from .conftest import RECEIVE_SLACK, Scenario
+from .conftest import KOMBU_WAIT_SECONDS, RECEIVE_SLACK, Scenario
+from .test_worker_integration import timeouts
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -139,3 +140,47 @@ def test_drain_keeps_what_a_gevent_worker_will_run(scenario: Scenario) -> None:
             ("end", draining.name),
         ]
     assert "made visible again at once" not in draining.log()
+
+
+#: How long the worker of the next test pauses just after kombu's release at exit.
+PAUSE_AFTER_RESTORE = 3
+
+
+def test_no_beat_follows_kombus_release_at_exit(scenario: Scenario) -> None:
+    """Messages waiting for a rate limit are not handed back by the drain: kombu releases
+    them as the worker exits. From that release on no beat may hide them again: the
+    heartbeats end just before it, not at ``worker_shutdown`` a moment later (the test's
+    worker pauses in between, long enough for several beats)."""
+    conf = scenario.config(
+        queue_timeout=QUEUE_TIMEOUT,
+        heartbeat=True,
+        interval=INTERVAL,
+        visibility=VISIBILITY,
+        worker_prefetch_multiplier=4,
+        task_annotations={"worker_app.plain": {"rate_limit": "1/h"}},
+    )
+    draining = scenario.worker(
+        conf, name="draining", env={"SQSHB_PAUSE_AFTER_RESTORE": str(PAUSE_AFTER_RESTORE)}
+    )
+    draining.wait_ready(60)
+    long_id = scenario.send(conf, "sleep", 4)
+    scenario.wait_starts(long_id, 1, timeout=20)
+    limited = [scenario.send(conf, "plain", SHORT_SECONDS) for _ in range(WAITING)]
+    wait_for(
+        lambda: all(received(draining, t) for t in limited),
+        timeout=20,
+        what="the draining worker to hold the rate-limited messages",
+    )
+
+    sigterm(draining)
+    assert draining.wait(30) == 0
+
+    late, released = [], 0
+    for handle in {h for r in scenario.beats() for h in r.receipt_handles}:
+        changes = [r for r in scenario.sqs.visibility_changes([handle]) if r.status == 200]
+        back = [r.at for r in changes if timeouts(r) <= {0, KOMBU_WAIT_SECONDS}]
+        if back:
+            released += 1
+            late += [r for r in changes if r.at > min(back) and VISIBILITY in timeouts(r)]
+    assert released >= WAITING, "fewer messages released than held"
+    assert not late, f"{len(late)} beat(s) after a message was released"
