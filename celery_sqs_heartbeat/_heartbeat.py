@@ -86,6 +86,9 @@ class Ended(enum.Enum):
     LIMIT = "SQS 12-hour limit reached"
     MAX_DURATION = "sqs_heartbeat_max_duration reached"
     LOST = "visibility lapsed before a beat got through"
+    #: The worker is shutting down and will not run the message's task: the drain made
+    #: it visible again at once, or kombu releases it as the worker exits (``_drain``).
+    HANDED_BACK = "handed back at shutdown"
 
 
 #: The failures that end a heartbeat at once, and how.

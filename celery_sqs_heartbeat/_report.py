@@ -105,6 +105,7 @@ class Ending(NamedTuple):
 ENDINGS: dict[Ended, Ending] = {
     Ended.TASK_ENDED: Ending(lost=False),
     Ended.SETTLED: Ending(lost=False),
+    Ended.HANDED_BACK: Ending(lost=False),
     Ended.GONE: Ending(
         True,
         logging.WARNING,

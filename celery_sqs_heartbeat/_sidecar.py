@@ -38,7 +38,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import NamedTuple, Protocol
 
@@ -171,10 +171,14 @@ class Sidecar:
 
     def stop(self, receipt_handle: str, reason: Ended = Ended.TASK_ENDED) -> bool:
         """End the heartbeat of a message; once this returns no beat for it is sent."""
+        return self._end(receipt_handle, reason) is not None
+
+    def _end(self, receipt_handle: str, reason: Ended) -> Heartbeat | None:
+        """:meth:`stop`, returning the heartbeat it ended (None: there was none)."""
         with self._lock:
             hb = self._beats.pop(receipt_handle, None)
             if hb is None:
-                return False
+                return None
             self._counts[STOPPED] += 1
             hb.end(reason)
             answered = self._wait_in_flight(hb, STOP_WAIT)
@@ -182,7 +186,34 @@ class Sidecar:
         if not answered:
             _stalled(hb, STOP_WAIT)
         self._report.ended(hb, beats)
-        return True
+        return hb
+
+    # -- shutdown, from the worker's main thread ---------------------------------------
+
+    def hand_back(self, receipt_handles: Iterable[str]) -> list[tuple[Heartbeat, Answer]]:
+        """End the heartbeats of messages the worker will not run, and ask SQS, from the
+        caller's thread, to make each visible again now (visibility 0). Only a message
+        with a heartbeat here is handed back: one whose heartbeat ended (lost, gone, a
+        limit) may be with another worker by now. Returns each with SQS's answer."""
+        ended = [
+            hb for rh in dict.fromkeys(receipt_handles) if (hb := self._end(rh, Ended.HANDED_BACK))
+        ]
+        by_queue: dict[str, list[Heartbeat]] = {}
+        for hb in ended:
+            by_queue.setdefault(hb.queue_url, []).append(hb)
+        answers: list[tuple[Heartbeat, Answer]] = []
+        for queue_url, beats in by_queue.items():
+            for i in range(0, len(beats), MAX_BATCH):
+                batch = beats[i : i + MAX_BATCH]
+                sent = self._sender.send(queue_url, [(hb.receipt_handle, 0) for hb in batch])
+                answers += zip(batch, sent, strict=True)
+        return answers
+
+    def stop_all(self, reason: Ended, *, keep: Collection[str] = ()) -> int:
+        """End every heartbeat but those of *keep* (receipt handles); how many ended."""
+        with self._lock:
+            handles = [rh for rh in self._beats if rh not in keep]
+        return sum(self.stop(rh, reason) for rh in handles)
 
     # -- manual control, from the task's thread ---------------------------------------
 

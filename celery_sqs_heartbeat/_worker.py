@@ -617,6 +617,9 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     with _PREPARING:
         if _serves(sender.app):
             _role = _for_worker(sender)
+            from ._drain import install  # its bootsteps import this module
+
+            install(sender.app)  # before the worker builds its blueprints
 
 
 def _on_worker_process_init(**_: Any) -> None:

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from botocore.stub import Stubber
 
-from celery_sqs_heartbeat._heartbeat import Heartbeat
+from celery_sqs_heartbeat._errors import Failure
+from celery_sqs_heartbeat._heartbeat import Ended, Heartbeat
 from celery_sqs_heartbeat._report import Counters, Reporter
 from celery_sqs_heartbeat._send import Sender
 from celery_sqs_heartbeat._settings import HeartbeatOptions
@@ -378,3 +379,60 @@ def test_a_request_that_waited_for_a_free_thread_sends_nothing_once_stopped(
     sidecar.shutdown(5)
     sidecar._executor.shutdown(wait=True)
     assert "queued" not in calls
+
+
+# -- shutdown --------------------------------------------------------------------------------
+
+
+def test_hand_back_ends_the_heartbeats_and_asks_for_visibility_zero(
+    stubbed: tuple[Any, Stubber],
+) -> None:
+    """One batched call per queue with visibility 0, only for messages that still have a
+    heartbeat; each heartbeat ends as handed back, and no later beat is planned."""
+    client, stubber = stubbed
+    sidecar = make(client)
+    for rh in ("rh-1", "rh-2"):
+        begin(sidecar, rh, QUEUE, FAST)
+    stubber.add_response(
+        "change_message_visibility_batch",
+        {"Successful": [{"Id": "0"}], "Failed": []},
+        {
+            "QueueUrl": QUEUE,
+            "Entries": [
+                {"Id": "0", "ReceiptHandle": "rh-1", "VisibilityTimeout": 0},
+                {"Id": "1", "ReceiptHandle": "rh-2", "VisibilityTimeout": 0},
+            ],
+        },
+    )
+
+    answers = sidecar.hand_back(["rh-1", "rh-2", "rh-1", "unknown"])
+
+    stubber.assert_no_pending_responses()
+    assert [(hb.receipt_handle, a.failure) for hb, a in answers] == [
+        ("rh-1", None),
+        ("rh-2", None),
+    ]
+    assert {hb.ended for hb, _ in answers} == {Ended.HANDED_BACK}
+    assert len(sidecar) == 0
+
+
+def test_hand_back_reports_a_refused_call_and_never_raises(stubbed: tuple[Any, Stubber]) -> None:
+    client, stubber = stubbed
+    sidecar = make(client)
+    begin(sidecar, "rh-1", QUEUE, FAST)
+    stubber.add_client_error("change_message_visibility", "AccessDenied", http_status_code=403)
+
+    ((hb, answer),) = sidecar.hand_back(["rh-1"])
+
+    assert answer.failure is Failure.DENIED
+    assert hb.ended is Ended.HANDED_BACK
+
+
+def test_stop_all_keeps_the_running_ones(stubbed: tuple[Any, Stubber]) -> None:
+    client, _ = stubbed
+    sidecar = make(client)
+    for rh in ("rh-1", "rh-2", "rh-3"):
+        begin(sidecar, rh, QUEUE, FAST)
+
+    assert sidecar.stop_all(Ended.HANDED_BACK, keep={"rh-2"}) == 2
+    assert sidecar.get("rh-2") is not None and len(sidecar) == 1

@@ -8,6 +8,8 @@ from the environment:
 * ``SQSHB_BROKER_URL``: the loopback SQS server.
 * ``SQSHB_CONFIG``: JSON object of Celery settings (heartbeat settings, annotations...).
 * ``SQSHB_EVENTS``: file each task appends one JSON line to when it starts and ends.
+* ``SQSHB_PAUSE_AFTER_RESTORE``: seconds the worker waits at exit just after kombu
+  released its unacknowledged messages, so a test can see whether a beat follows it.
 * ``SQSHB_DJANGO_STYLE``: when set, every setting is read as a Django project gives it,
   upper case with the ``CELERY_`` prefix through ``config_from_object(...,
   namespace="CELERY")`` (``CELERY_SQS_HEARTBEAT_ENABLED = True``), and none directly.
@@ -56,6 +58,19 @@ else:
     app = Celery("worker_app", broker=BROKER_URL)
     app.conf.update(BASE_SETTINGS)
     app.conf.update(CONFIG)
+
+
+if os.environ.get("SQSHB_PAUSE_AFTER_RESTORE"):
+    from kombu.transport.virtual.base import QoS
+
+    _restore = QoS.restore_unacked_once
+
+    def _restore_then_pause(self: QoS, *args: object, **kwargs: object) -> object:
+        result = _restore(self, *args, **kwargs)
+        time.sleep(float(os.environ["SQSHB_PAUSE_AFTER_RESTORE"]))
+        return result
+
+    QoS.restore_unacked_once = _restore_then_pause
 
 
 def record(event: str, task_id: str, **extra: object) -> None:
