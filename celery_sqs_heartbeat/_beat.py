@@ -127,6 +127,9 @@ class BeatProcess:
         #: handle, with Celery's message and the packet that added it.
         self._held: dict[str, tuple[Any, bytes]] = {}
         self._swept = 0.0
+        #: Questions to the beat process waiting for its answer: [answered, answer].
+        self._answers: dict[int, list[Any]] = {}
+        self._asked = 0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -177,6 +180,20 @@ class BeatProcess:
         generation, commands = self._generation, self._commands
         self._received.put((packet, message, hb.receipt_handle, generation))
         _send(commands, packet)
+
+    def holds(self, receipt_handle: str) -> bool:
+        """Whether the beat process beats this message (as the link thread last knew)."""
+        return receipt_handle in self._held
+
+    def ask(self, command: tuple[Any, ...], timeout: float) -> Any:
+        """Have the beat process run *command* (``hand_back``, ``stop_all``) and wait
+        for its answer, at most *timeout* s (None: none came)."""
+        self._asked += 1
+        ident, done = self._asked, threading.Event()
+        self._answers[ident] = [done, None]
+        _send(self._commands, pickle.dumps(("ask", ident, *command), _PICKLE))
+        done.wait(timeout)
+        return self._answers.pop(ident)[1]
 
     def close(self) -> None:
         """Stop the beat process and the link thread (worker shutdown)."""
@@ -257,6 +274,11 @@ class BeatProcess:
                 logger.handle(record)
         elif kind == "started":
             self._started(*report[1:])
+        elif kind == "answer":
+            waiting = self._answers.get(report[1])
+            if waiting is not None:
+                waiting[1] = report[2]
+                waiting[0].set()
         elif kind == "dropped":
             logger.warning(
                 "celery-sqs-heartbeat: the worker was too busy to read %d reports of its beat "
@@ -404,12 +426,17 @@ class BeatProcessError(Exception):
     """An unexpected error in the beat process, as its traceback."""
 
 
+def _portable_answer(answer: Answer) -> Answer:
+    """*answer* with its error as text: an exception may not survive pickling."""
+    if answer.error is None:
+        return answer
+    text = "".join(traceback.format_exception(answer.error)).rstrip()
+    return Answer(answer.failure, answer.detail, BeatProcessError(text))
+
+
 def _portable(s: Settled) -> Settled:
-    """*s* with its error as text: an exception may not survive pickling."""
-    error = s.answer.error
-    assert error is not None
-    text = "".join(traceback.format_exception(error)).rstrip()
-    answer = Answer(s.answer.failure, s.answer.detail, BeatProcessError(text))
+    """*s* with its error as text."""
+    answer = _portable_answer(s.answer)
     return Settled(
         s.hb,
         s.asked,
@@ -534,7 +561,23 @@ def _serve(
             sidecar.add(Heartbeat(*command[1:]))
         elif kind == "settled":
             sidecar.stop(command[1], Ended.SETTLED)
+        elif kind == "ask":
+            _answer(sidecar, reports, command[1], command[2], command[3:])
     sidecar.shutdown(EXIT_WAIT)
+
+
+def _answer(
+    sidecar: Sidecar, reports: socket.socket, ident: int, question: str, args: tuple[Any, ...]
+) -> None:
+    """Run one of the worker's questions at its shutdown, and send the answer (waited
+    for: the worker's main thread is waiting for it)."""
+    answer: Any = None
+    if question == "hand_back":
+        answer = [(hb, _portable_answer(a)) for hb, a in sidecar.hand_back(args[0])]
+    elif question == "stop_all":
+        answer = sidecar.stop_all(args[0], keep=args[1])
+    with contextlib.suppress(OSError):
+        reports.send(pickle.dumps(("answer", ident, answer), _PICKLE))
 
 
 def _die_with_parent() -> None:

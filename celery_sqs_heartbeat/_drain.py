@@ -52,7 +52,7 @@ from celery import bootsteps
 
 from ._errors import Failure, describe_denied
 from ._heartbeat import Ended
-from ._worker import _Guard, current_sidecar
+from ._worker import Role, _Guard, current_role
 
 logger = logging.getLogger("celery_sqs_heartbeat")
 
@@ -97,9 +97,7 @@ class Drain(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def close(self, w: Any) -> None:
         with _DRAINING:
-            sidecar = current_sidecar()
-            if sidecar is not None:
-                drain(w, sidecar)
+            drain(w, current_role())
 
 
 class StopBeats(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -112,14 +110,13 @@ class StopBeats(bootsteps.StartStopStep):  # type: ignore[misc]
         from celery.worker.state import active_requests
 
         with _ENDING:
-            sidecar = current_sidecar()
-            if sidecar is not None:
-                running = {_tag(r) for r in tuple(active_requests)}
-                sidecar.stop_all(Ended.HANDED_BACK, keep=running)
+            running = {_tag(r) for r in tuple(active_requests)}
+            current_role().stop_all(Ended.HANDED_BACK, running)
 
 
-def drain(w: Any, sidecar: Any) -> int:
-    """Hand back what worker *w* will not run; how many messages SQS took back."""
+def drain(w: Any, role: Role) -> int:
+    """Hand back what worker *w* will not run (its heartbeat served by *role*); how many
+    messages SQS took back."""
     from celery.worker.state import active_requests
 
     def wanted(request: Any) -> bool:
@@ -129,7 +126,7 @@ def drain(w: Any, sidecar: Any) -> int:
             and not message.acknowledged
             and not request.acknowledged
             and request not in active_requests
-            and sidecar.get(message.delivery_tag) is not None
+            and role.holds(message.delivery_tag)
         )
 
     taken = {
@@ -143,7 +140,7 @@ def drain(w: Any, sidecar: Any) -> int:
     }
     if not taken:
         return 0
-    answers = sidecar.hand_back(taken)
+    answers = role.hand_back(list(taken))
     failed = [(hb, a) for hb, a in answers if a.failure is not None]
     for hb, answer in answers:
         if answer.failure is None:

@@ -33,6 +33,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Collection
 from typing import Any
 
 from celery import signals
@@ -40,9 +41,9 @@ from celery import signals
 from ._beat import BeatProcess, supported
 from ._client import BrokerInfo, Clients, call_timeout, kombu_loader
 from ._control import InChild, InProcess, TaskHeartbeat
-from ._heartbeat import Heartbeat
+from ._heartbeat import Ended, Heartbeat
 from ._report import Counters, Reporter
-from ._send import Sender
+from ._send import Answer, Sender
 from ._settings import (
     ConfigurationError,
     HeartbeatOptions,
@@ -62,6 +63,9 @@ logger = logging.getLogger("celery_sqs_heartbeat")
 DISABLED = HeartbeatOptions(enabled=False, interval=30, visibility_timeout=120, max_duration=None)
 #: How long worker shutdown waits for the sidecar thread to finish a call.
 SHUTDOWN_JOIN_TIMEOUT = 2.0
+#: How long the shutdown's drain waits for the beat process to hand messages back, or to
+#: end their heartbeats: a few client time-outs.
+ASK_TIMEOUT = 15.0
 #: The key under which the main process gives a prefork child a message's receipt time,
 #: in the copy of the message's properties that Celery's request carries to the child
 #: (``task.request.properties[RECEIVED]`` there): SQS's 12-hour limit counts from it,
@@ -186,6 +190,20 @@ class Role:
 
     def ready(self, consumer: Any) -> None: ...
 
+    # -- at shutdown (``_drain``), from the worker's main thread
+
+    def holds(self, receipt_handle: str) -> bool:
+        """Whether this process's heartbeat beats the message."""
+        return False
+
+    def hand_back(self, receipt_handles: Collection[str]) -> list[tuple[Heartbeat, Answer]]:
+        """End these messages' heartbeats and make them visible now (``Sidecar.hand_back``)."""
+        return []
+
+    def stop_all(self, reason: Ended, keep: Collection[str]) -> int:
+        """End every heartbeat but those of *keep* (``Sidecar.stop_all``)."""
+        return 0
+
     def shutdown(self) -> None: ...
 
     def forked(self) -> Role:
@@ -301,6 +319,15 @@ class Main(Role):
                 )
                 self.sidecar.run_in_background()
             return self.sidecar
+
+    def holds(self, receipt_handle: str) -> bool:
+        return self.sidecar is not None and self.sidecar.get(receipt_handle) is not None
+
+    def hand_back(self, receipt_handles: Collection[str]) -> list[tuple[Heartbeat, Answer]]:
+        return [] if self.sidecar is None else self.sidecar.hand_back(receipt_handles)
+
+    def stop_all(self, reason: Ended, keep: Collection[str]) -> int:
+        return 0 if self.sidecar is None else self.sidecar.stop_all(reason, keep=keep)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -517,6 +544,16 @@ class Delegating(_Writer):
             return
         self.beats.start()  # its link thread says which process beats, once it does
 
+    def holds(self, receipt_handle: str) -> bool:
+        return self.beats.holds(receipt_handle)
+
+    def hand_back(self, receipt_handles: Collection[str]) -> list[tuple[Heartbeat, Answer]]:
+        answer = self.beats.ask(("hand_back", list(receipt_handles)), ASK_TIMEOUT)
+        return list(answer or ())
+
+    def stop_all(self, reason: Ended, keep: Collection[str]) -> int:
+        return int(self.beats.ask(("stop_all", reason, set(keep)), ASK_TIMEOUT) or 0)
+
     def shutdown(self) -> None:
         self.beats.close()
 
@@ -668,6 +705,11 @@ def current(task: Any) -> TaskHeartbeat | None:
 
 def counters() -> Counters:
     return _role.counters
+
+
+def current_role() -> Role:
+    """This process's role (the shutdown's drain asks it)."""
+    return _role
 
 
 def current_sidecar() -> Sidecar | None:

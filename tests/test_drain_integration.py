@@ -146,11 +146,13 @@ def test_drain_keeps_what_a_gevent_worker_will_run(scenario: Scenario) -> None:
 PAUSE_AFTER_RESTORE = 3
 
 
-def test_no_beat_follows_kombus_release_at_exit(scenario: Scenario) -> None:
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_no_beat_follows_kombus_release_at_exit(scenario: Scenario, pool: str) -> None:
     """Messages waiting for a rate limit are not handed back by the drain: kombu releases
     them as the worker exits. From that release on no beat may hide them again: the
     heartbeats end just before it, not at ``worker_shutdown`` a moment later (the test's
-    worker pauses in between, long enough for several beats)."""
+    worker pauses in between, long enough for several beats). In a threads worker the
+    beat process ends them, asked by the worker's main thread."""
     conf = scenario.config(
         queue_timeout=QUEUE_TIMEOUT,
         heartbeat=True,
@@ -160,7 +162,10 @@ def test_no_beat_follows_kombus_release_at_exit(scenario: Scenario) -> None:
         task_annotations={"worker_app.plain": {"rate_limit": "1/h"}},
     )
     draining = scenario.worker(
-        conf, name="draining", env={"SQSHB_PAUSE_AFTER_RESTORE": str(PAUSE_AFTER_RESTORE)}
+        conf,
+        name="draining",
+        env={"SQSHB_PAUSE_AFTER_RESTORE": str(PAUSE_AFTER_RESTORE)},
+        pool=pool,
     )
     draining.wait_ready(60)
     long_id = scenario.send(conf, "sleep", 4)
