@@ -55,7 +55,7 @@ from typing import Any
 
 from ._client import Clients
 from ._heartbeat import Ended, Heartbeat, Settled
-from ._report import STARTED, STOPPED, Counters, Reporter
+from ._report import Counters, Reporter
 from ._send import Answer, Sender
 from ._settings import HeartbeatOptions
 from ._sidecar import Sidecar
@@ -80,6 +80,15 @@ EXIT_WAIT = 2.0
 LINK_THREAD = "celery-sqs-heartbeat-link"
 #: The beat process's name in the worker's log lines (``%(processName)s``).
 PROCESS_NAME = "HeartbeatProcess"
+#: The signals the keeper and the beat process ignore: the stops of the whole group
+#: (systemd's default), and the ones Celery handles in the worker (SIGHUP restarts it).
+IGNORED_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2")
+    if hasattr(signal, name)
+)
+#: The beat process's exit status when it cannot make an SQS client: not replaced.
+CANNOT_START = 3
 #: ``prctl(PR_SET_PDEATHSIG, ...)``: Linux's number for it.
 _PR_SET_PDEATHSIG = 1
 _PICKLE = pickle.HIGHEST_PROTOCOL
@@ -120,12 +129,14 @@ class BeatProcess:
         self._generation = 0
         self._spawned_at = 0.0
         self._level = logging.NOTSET
-        #: Messages received, on their way to the link thread: (packet, message,
-        #: receipt handle, generation it was sent to).
-        self._received: queue.SimpleQueue[tuple[bytes, Any, str, int]] = queue.SimpleQueue()
+        #: Messages received, on their way to the link thread: (what the beat process
+        #: is sent of it, Celery's message, receipt handle, generation it was sent to).
+        self._received: queue.SimpleQueue[tuple[tuple[Any, ...], Any, str, int]] = (
+            queue.SimpleQueue()
+        )
         #: The link thread's own: every message the beat process beats, by receipt
-        #: handle, with Celery's message and the packet that added it.
-        self._held: dict[str, tuple[Any, bytes]] = {}
+        #: handle, with Celery's message and what the beat process was sent of it.
+        self._held: dict[str, tuple[Any, tuple[Any, ...]]] = {}
         self._swept = 0.0
         #: Questions to the beat process waiting for its answer: [answered, answer].
         self._answers: dict[int, list[Any]] = {}
@@ -165,21 +176,17 @@ class BeatProcess:
 
     def add(self, hb: Heartbeat, message: Any) -> None:
         """Beat *hb*'s message from its receipt (``task_received``, the consumer's thread)."""
-        packet = pickle.dumps(
-            (
-                "add",
-                hb.receipt_handle,
-                hb.queue_url,
-                hb.options,
-                hb.received,
-                hb.task_name,
-                hb.task_id,
-            ),
-            _PICKLE,
+        fields = (
+            hb.receipt_handle,
+            hb.queue_url,
+            hb.options,
+            hb.received,
+            hb.task_name,
+            hb.task_id,
         )
         generation, commands = self._generation, self._commands
-        self._received.put((packet, message, hb.receipt_handle, generation))
-        _send(commands, packet)
+        self._received.put((fields, message, hb.receipt_handle, generation))
+        _send(commands, pickle.dumps(("add", *fields), _PICKLE))
 
     def holds(self, receipt_handle: str) -> bool:
         """Whether the beat process beats this message (as the link thread last knew)."""
@@ -242,12 +249,12 @@ class BeatProcess:
     def _take_received(self) -> None:
         while True:
             try:
-                packet, message, receipt_handle, generation = self._received.get_nowait()
+                fields, message, receipt_handle, generation = self._received.get_nowait()
             except queue.Empty:
                 return
-            self._held[receipt_handle] = (message, packet)
-            if generation != self._generation:  # sent to a beat process that died
-                _send(self._commands, packet)
+            self._held[receipt_handle] = (message, fields)
+            if generation != self._generation:  # sent before this beat process was made
+                _send(self._commands, pickle.dumps(("add", *fields), _PICKLE))
 
     def _sweep(self) -> None:
         """Tell the beat process of each message Celery settled (acknowledged, rejected,
@@ -264,9 +271,11 @@ class BeatProcess:
             self._report.settled(report[1])
         elif kind == "ended":
             _, hb, beats, detail = report
-            message, _ = self._held.pop(hb.receipt_handle, (None, b""))
-            if hb.ended is Ended.GONE and message is not None and message.acknowledged:
-                hb.ended = Ended.SETTLED  # a copy: Celery settled it as the beat went out
+            message, _ = self._held.pop(hb.receipt_handle, (None, ()))
+            if hb.ended is Ended.GONE and (message is None or message.acknowledged):
+                # A copy: Celery settled the message as the beat went out (or before:
+                # the sweep, which only drops settled messages, had dropped it).
+                hb.ended = Ended.SETTLED
             self._report.ended(hb, beats, detail)
         elif kind == "log":
             record = logging.makeLogRecord(report[1])
@@ -306,14 +315,22 @@ class BeatProcess:
             pid,
             len(self._held),
         )
-        for _, packet in self._held.values():
-            _send(self._commands, packet)
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Send a new beat process every message the worker holds."""
+        for _, fields in self._held.values():
+            _send(self._commands, pickle.dumps(("again", *fields), _PICKLE))
 
     def _replace(self) -> None:
         """The keeper died (and so the beat process): fork another, unless this is a
         green worker, whose fork would copy its running greenlets (a second consumer,
         the tasks) into the new process."""
-        old, status = self.keeper, _exit_status(self.keeper)
+        old, code = self.keeper, _reap(self.keeper)
+        status = _status(code) if code is not None else "exited"
+        if code is not None and os.WIFEXITED(code) and os.WEXITSTATUS(code) == CANNOT_START:
+            self._stopping.set()  # its beat process said why, and another would fail too
+            return
         self._take_received()
         try:
             if self.green:
@@ -340,8 +357,7 @@ class BeatProcess:
             self.keeper,
             len(self._held),
         )
-        for _, packet in self._held.values():
-            _send(self._commands, packet)
+        self._hand_over()
 
 
 def _send(sock: socket.socket | None, packet: bytes) -> None:
@@ -366,13 +382,12 @@ def _reaped(pid: int, timeout: float) -> bool:
         time.sleep(0.01)
 
 
-def _exit_status(pid: int) -> str:
-    """How child *pid* ended, reaped now, in words."""
+def _reap(pid: int) -> int | None:
+    """The wait status of child *pid*, reaped now (None: reaped already)."""
     try:
-        _, status = os.waitpid(pid, 0)
+        return os.waitpid(pid, 0)[1]
     except ChildProcessError:
-        return "exited"
-    return _status(status)
+        return None
 
 
 def _status(status: int) -> str:
@@ -476,37 +491,48 @@ def _keep(
     level: int,
 ) -> None:
     """The keeper's life: fork the beat process, and fork it again whenever it dies,
-    until it exits of itself (the worker closed its end) or the worker is gone.
+    until it exits of itself (the worker closed its end, or it cannot start) or the
+    worker is gone.
 
-    The keeper is forked while the worker is still quiet (at ``worker_ready``, one
-    thread, no greenlet running but the main one), and it does nothing else: each beat
-    process is a fork of that quiet state, never of a worker running tasks.
+    The keeper is forked while the worker is still quiet (at ``worker_ready``: one
+    thread, no greenlet running but the main one), and does nothing else: each beat
+    process is a fork of that quiet state, never of a worker running tasks. Under
+    gevent it runs on a hub of its own (:func:`_clean`), and waits with the system's own
+    calls.
     """
     worker = os.getppid()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+    for signum in IGNORED_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     _die_with_parent()
     if os.getppid() != worker:
         return
     gc.freeze()  # the worker's objects stay shared: the collector no longer writes them
-    _new_green_hub()
-    old, status, died = 0, "", 0.0
-    while True:
-        started = time.monotonic()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                _serve(commands, reports, slots, make_clients, level)
-            finally:
-                os._exit(0)
-        paused = started - died if old else 0.0
-        _forward(reports, ("started", pid, old, status, paused))
-        _, code = os.waitpid(pid, 0)
-        if os.getppid() != worker or (os.WIFEXITED(code) and os.WEXITSTATUS(code) == 0):
-            return  # the worker is gone, or closed its end: the beat process's end too
-        old, status, died = pid, _status(code), time.monotonic()
-        if died - started < RESPAWN_PAUSE:  # one that cannot start does not fork in a loop
-            time.sleep(RESPAWN_PAUSE)
+    fork, waitpid, sleep = (
+        _original("os", "fork"),
+        _original("os", "waitpid"),
+        _original("time", "sleep"),
+    )
+
+    def keep(reports: socket.socket) -> int:
+        old, status, died = 0, "", 0.0
+        while True:
+            started = time.monotonic()
+            pid = fork()
+            if pid == 0:
+                os._exit(_clean(lambda: _serve(commands, reports, slots, make_clients, level)))
+            paused = started - died if old else 0.0
+            with contextlib.suppress(OSError):
+                reports.send(pickle.dumps(("started", pid, old, status, paused), _PICKLE))
+            _, code = waitpid(pid, 0)
+            if os.getppid() != worker:
+                return 0
+            if os.WIFEXITED(code) and os.WEXITSTATUS(code) in (0, CANNOT_START):
+                return int(os.WEXITSTATUS(code))  # the worker closed its end, or no client
+            old, status, died = pid, _status(code), time.monotonic()
+            if died - started < RESPAWN_PAUSE:  # one that dies at once does not loop fast
+                sleep(RESPAWN_PAUSE)
+
+    os._exit(_clean(lambda: keep(_rewrap(reports))))
 
 
 def _serve(
@@ -515,18 +541,19 @@ def _serve(
     slots: Slots,
     make_clients: Callable[[], Clients],
     level: int,
-) -> None:
-    """The beat process's life: beat what the worker sends until the worker is gone."""
+) -> int:
+    """The beat process's life: beat what the worker sends until the worker is gone.
+    Returns its exit status."""
     keeper = os.getppid()
     _die_with_parent()
     if os.getppid() != keeper:
-        return
+        return 0
+    commands, reports = _rewrap(commands), _rewrap(reports)
     logger.handlers[:] = [_ForwardLogs(reports)]
     logger.propagate = False
     if level:
         logger.setLevel(level)
     counters = Counters(*slots.counter_blocks(None, beat=True))
-    counters.own[STOPPED] = counters.own[STARTED]  # what a dead one held is counted again
     slots.forget_in_flight()
     try:
         clients = make_clients()
@@ -535,7 +562,7 @@ def _serve(
             "celery-sqs-heartbeat: the beat process could not make an SQS client; the "
             "worker's messages are not beaten."
         )
-        return
+        return CANNOT_START
     sidecar = Sidecar(
         Sender(clients.for_queue),
         _Forwarder(counters, reports),
@@ -559,11 +586,14 @@ def _serve(
         kind = command[0]
         if kind == "add":
             sidecar.add(Heartbeat(*command[1:]))
+        elif kind == "again":  # held by one that died, which counted it as started
+            sidecar.add(Heartbeat(*command[1:]), counted=False)
         elif kind == "settled":
             sidecar.stop(command[1], Ended.SETTLED)
         elif kind == "ask":
             _answer(sidecar, reports, command[1], command[2], command[3:])
     sidecar.shutdown(EXIT_WAIT)
+    return 0
 
 
 def _answer(
@@ -587,6 +617,52 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass  # elsewhere: the end-of-file and the parent check
+
+
+def _original(module: str, name: str) -> Any:
+    """The system's own *module.name*, not gevent's (which waits on the worker's hub)."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched(module):
+        return monkey.get_original(module, name)
+    return getattr(sys.modules.get(module) or __import__(module), name)
+
+
+def _gevent() -> bool:
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("socket"))
+
+
+def _clean(run: Callable[[], int]) -> int:
+    """Run *run* where no greenlet of the worker can run on, and return its status.
+
+    A fork keeps the worker's hub and every greenlet waiting on it. Under eventlet a new
+    hub for this thread leaves them behind. Under gevent *run* goes to a real thread,
+    whose hub is its own, and this thread (with the worker's hub) waits for it with a
+    lock of the system's own: the worker's greenlets never run here.
+    """
+    _new_green_hub()
+    if not _gevent():
+        return run()
+    start = _original("_thread", "start_new_thread")
+    done = _original("_thread", "allocate_lock")()
+    done.acquire()
+    status = [0]
+
+    def main() -> None:
+        try:
+            status[0] = run()
+        finally:
+            done.release()
+
+    start(main, ())
+    done.acquire()
+    return status[0]
+
+
+def _rewrap(sock: socket.socket) -> socket.socket:
+    """*sock* anew, in the calling thread: a gevent socket waits on the hub it was made
+    on. (Elsewhere the same socket would do; a new object is as good.)"""
+    return socket.socket(fileno=sock.detach()) if _gevent() else sock
 
 
 def _new_green_hub() -> None:

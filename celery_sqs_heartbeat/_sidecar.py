@@ -142,13 +142,14 @@ class Sidecar:
 
     # -- Celery's side: a dict under the lock, no I/O ------------------------------------
 
-    def add(self, hb: Heartbeat) -> bool:
-        """Begin beating *hb*'s message; False if it already has a heartbeat."""
+    def add(self, hb: Heartbeat, *, counted: bool = True) -> bool:
+        """Begin beating *hb*'s message; False if it already has a heartbeat. Not
+        *counted*: a beat process that died counted it already."""
         with self._lock:
             if hb.receipt_handle in self._beats:
                 return False
             self._beats[hb.receipt_handle] = hb
-            self._counts[STARTED] += 1
+            self._counts[STARTED] += counted
             if hb.options.interval < self._shortest:
                 self._shortest = hb.options.interval
                 self._wake.set()

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 import mmap
 import os
 import select
@@ -143,11 +144,20 @@ class Slots:
     blocks of counters: one for the main process, one per slot, and one for the beat
     process (``_beat``) of a worker that has one."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, ended: int = 0) -> None:
         self.capacity = capacity
         counters = (capacity + 2) * BLOCK_SIZE
-        self._map = mmap.mmap(-1, counters + capacity * ctypes.sizeof(_Slot))
+        table = capacity * ctypes.sizeof(_Slot)
+        self._map = mmap.mmap(-1, counters + table + ended * 8)
         self._table = (_Slot * capacity).from_buffer(self._map, counters)
+        #: With *ended*, the keys of the last *ended* tasks that ended, in any slot (a
+        #: ring): where the beating process cannot ask Celery whether it settled a
+        #: message (a worker with a beat process), a task that ended is known as such
+        #: after its slot has moved on. Written by the worker's task threads only.
+        self._ended = (
+            (ctypes.c_uint64 * ended).from_buffer(self._map, counters + table) if ended else None
+        )
+        self._ended_at = itertools.count()  # next() is atomic: no lock between threads
         self._blocks = [
             shared_block(memoryview(self._map)[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE])
             for i in range(capacity + 2)
@@ -226,6 +236,9 @@ class Slots:
             busy = slot.in_flight > 0
         finally:
             self._unlock(index)
+        ring = self._ended
+        if ring is not None:
+            ring[next(self._ended_at) % len(ring)] = slot.key  # the key is this task's own
         if busy:
             _wait_idle(slot)
 
@@ -262,7 +275,8 @@ class Slots:
         if index is None:
             index = next((i for i, s in enumerate(self._table) if key in (s.key, s.previous)), None)
             if index is None:
-                return None
+                ring = self._ended
+                return SlotView(0, running=False) if ring is not None and key in ring[:] else None
         with self._locked(index) as slot:
             if slot.key != key or slot.state != _RUNNING:
                 return SlotView(index, running=False)

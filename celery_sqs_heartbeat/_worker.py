@@ -63,6 +63,10 @@ logger = logging.getLogger("celery_sqs_heartbeat")
 DISABLED = HeartbeatOptions(enabled=False, interval=30, visibility_timeout=120, max_duration=None)
 #: How long worker shutdown waits for the sidecar thread to finish a call.
 SHUTDOWN_JOIN_TIMEOUT = 2.0
+#: How many of the last tasks to end a worker with a beat process remembers in its slots
+#: (32 KB): the beat process knows their messages' tasks ended after their slot moved on,
+#: until the worker tells it that Celery settled them (within a fifth of a second).
+ENDED_RING = 4096
 #: How long the shutdown's drain waits for the beat process to hand messages back, or to
 #: end their heartbeats: a few client time-outs.
 ASK_TIMEOUT = 15.0
@@ -594,7 +598,7 @@ def _delegating(worker: Any, options: dict[str, HeartbeatOptions]) -> Role:
     if not (supported() and available()):
         return Main(app, options, None, shared="this platform cannot run a beat process")
     try:
-        return Delegating(app, options, Slots(_pool_size(worker)))  # before any thread
+        return Delegating(app, options, Slots(_pool_size(worker), ended=ENDED_RING))
     except OSError as exc:  # robust mutexes that fail to initialise (qemu-user)
         return Main(app, options, None, shared=f"no slots could be mapped: {exc}")
 

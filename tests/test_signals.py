@@ -250,6 +250,7 @@ def test_a_prefork_child_keeps_one_handle_for_its_task(app: Celery) -> None:
         assert _worker.current(child) is None
     finally:
         child.pop_request()
+        main.shutdown()  # its sidecar: the fixture's uninstall stops the child's role
 
 
 def test_a_threads_worker_beats_from_a_beat_process_that_ends_with_it(app: Celery) -> None:
