@@ -71,8 +71,8 @@ LINK_POLL = 0.2
 #: The largest packet either side reads: a message's receipt handle and queue URL, or a
 #: log record with its traceback, fit many times over.
 MAX_PACKET = 1 << 20
-#: A beat process that dies sooner than this after its start is replaced only this long
-#: after it started, so one that cannot start does not fork in a loop.
+#: A beat process (or keeper) that dies sooner than this after its start is forked again
+#: only after this long, so one that dies at once does not fork in a loop.
 RESPAWN_PAUSE = 1.0
 #: How long worker shutdown waits for the beat process to exit before it kills it.
 EXIT_WAIT = 2.0
@@ -116,6 +116,8 @@ class BeatProcess:
         self._slots = slots
         self._report = reporter
         self._clients = clients
+        #: The options of each task resolved at the worker's start, which the beat
+        #: process inherits: a message's options are sent only when they differ.
         self._options = options
         #: The keeper (the worker's child that forks the beat process, and forks it again
         #: if it dies), the beat process, and the worker's ends of their socket pairs.
@@ -147,10 +149,14 @@ class BeatProcess:
     # -- the worker's threads ------------------------------------------------------------
 
     def spawn(self, level: int | None = None) -> None:
-        """Fork a beat process that logs at *level* (raises ``OSError`` where that
-        fails); messages received before are sent to it (by the link thread)."""
+        """Fork the keeper, which forks a beat process that logs at *level* (raises
+        ``OSError`` where that fails); messages received before are sent to it (by the
+        link thread)."""
         if level is not None:
             self._level = level
+        for old in (self._commands, self._reports):  # a keeper's that died
+            if old is not None:
+                old.close()
         commands, theirs_commands = _pair()
         reports, theirs_reports = _pair()
         pid = os.fork()
@@ -158,7 +164,14 @@ class BeatProcess:
             try:
                 commands.close()
                 reports.close()
-                _keep(theirs_commands, theirs_reports, self._slots, self._clients, self._level)
+                _keep(
+                    theirs_commands,
+                    theirs_reports,
+                    self._slots,
+                    self._clients,
+                    self._level,
+                    self._options,
+                )
             finally:
                 os._exit(0)
         theirs_commands.close()
@@ -174,12 +187,13 @@ class BeatProcess:
         self._thread = threading.Thread(target=self._link, name=LINK_THREAD, daemon=True)
         self._thread.start()
 
-    def add(self, hb: Heartbeat, message: Any) -> None:
-        """Beat *hb*'s message from its receipt (``task_received``, the consumer's thread)."""
+    def add(self, hb: Heartbeat, message: Any, *, known: bool = False) -> None:
+        """Beat *hb*'s message from its receipt (``task_received``, the consumer's thread).
+        *known*: its options are its task's resolved at the worker's start."""
         fields = (
             hb.receipt_handle,
             hb.queue_url,
-            hb.options,
+            None if known else hb.options,
             hb.received,
             hb.task_name,
             hb.task_id,
@@ -335,7 +349,8 @@ class BeatProcess:
         try:
             if self.green:
                 raise OSError("a green worker cannot fork once it runs")
-            self._stopping.wait(max(0.0, self._spawned_at + RESPAWN_PAUSE - time.monotonic()))
+            if self._stopping.wait(self._spawned_at + RESPAWN_PAUSE - time.monotonic()):
+                return  # the worker is shutting down
             self.spawn()
         except OSError as exc:
             logger.error(
@@ -489,6 +504,7 @@ def _keep(
     slots: Slots,
     make_clients: Callable[[], Clients],
     level: int,
+    options: dict[str, HeartbeatOptions],
 ) -> None:
     """The keeper's life: fork the beat process, and fork it again whenever it dies,
     until it exits of itself (the worker closed its end, or it cannot start) or the
@@ -519,7 +535,9 @@ def _keep(
             started = time.monotonic()
             pid = fork()
             if pid == 0:
-                os._exit(_clean(lambda: _serve(commands, reports, slots, make_clients, level)))
+                os._exit(
+                    _clean(lambda: _serve(commands, reports, slots, make_clients, level, options))
+                )
             paused = started - died if old else 0.0
             with contextlib.suppress(OSError):
                 reports.send(pickle.dumps(("started", pid, old, status, paused), _PICKLE))
@@ -541,6 +559,7 @@ def _serve(
     slots: Slots,
     make_clients: Callable[[], Clients],
     level: int,
+    options: dict[str, HeartbeatOptions],
 ) -> int:
     """The beat process's life: beat what the worker sends until the worker is gone.
     Returns its exit status."""
@@ -584,10 +603,10 @@ def _serve(
             break  # the worker closed its end, or died
         command = pickle.loads(packet)
         kind = command[0]
-        if kind == "add":
-            sidecar.add(Heartbeat(*command[1:]))
-        elif kind == "again":  # held by one that died, which counted it as started
-            sidecar.add(Heartbeat(*command[1:]), counted=False)
+        if kind in ("add", "again"):  # "again": held by one that died, which counted it
+            rh, queue_url, given, received, task_name, task_id = command[1:]
+            hb = Heartbeat(rh, queue_url, given or options[task_name], received, task_name, task_id)
+            sidecar.add(hb, counted=kind == "add")
         elif kind == "settled":
             sidecar.stop(command[1], Ended.SETTLED)
         elif kind == "ask":

@@ -136,10 +136,11 @@ def _clients(app: Any, options: dict[str, HeartbeatOptions], loader: Any = None)
 def _heartbeat(
     request: Any, known: dict[str, HeartbeatOptions], slots: Slots | None, *, settled: bool
 ) -> Heartbeat | None:
-    """The heartbeat of a message just received, or None if it gets none. With *slots*
-    its task writes a slot, and reads the receipt time from the request's properties; *known*
-    holds the options resolved at the worker's start;
-    with *settled* the heartbeat asks Celery's message whether it was settled."""
+    """The heartbeat of a message just received, or None if it gets none.
+
+    *known* holds the options resolved at the worker's start. With *slots* its task
+    writes a slot, and reads the receipt time from the request's properties. With
+    *settled* the heartbeat asks Celery's message whether it was settled."""
     # For every message: a few lookups, one small object.
     task = request.task
     options = known.get(task.name) or _late_options(task)
@@ -164,10 +165,11 @@ def _heartbeat(
     )
 
 
-def _receipt_handle(task: Any) -> str | None:
-    """The receipt handle of the message of *task*, running; None: eager, or not SQS."""
+def _receipt_handle(request: Any) -> str | None:
+    """The receipt handle of the message of a running task's *request* (Celery's
+    ``task.request``, read once: it is a property); None: eager, or not from SQS."""
     try:
-        return str(task.request.properties["delivery_tag"])
+        return request.properties["delivery_tag"]  # type: ignore[no-any-return]
     except (TypeError, KeyError):
         return None
 
@@ -268,7 +270,7 @@ class Main(Role):
         sidecar = self.sidecar
         if sidecar is None:
             return
-        receipt_handle = _receipt_handle(task)
+        receipt_handle = _receipt_handle(task.request)
         if receipt_handle is not None and sidecar.run(receipt_handle):
             self.running[threading.get_ident(), task_id] = receipt_handle
 
@@ -433,11 +435,12 @@ class Child(_Writer):
         self.handle: TaskHeartbeat | None = None
 
     def prerun(self, task: Any, task_id: str) -> None:
-        receipt_handle = _receipt_handle(task)
+        request = task.request
+        receipt_handle = _receipt_handle(request)
         if receipt_handle is None or not self._enabled(task):
             return
         self.slots.started(self.index, key_of(receipt_handle))
-        self.task, self.handle = (task_id, receipt_handle, task.request), None
+        self.task, self.handle = (task_id, receipt_handle, request), None
 
     def postrun(self, task_id: str) -> None:
         if self.task is not None and self.task[0] == task_id:
@@ -493,10 +496,11 @@ class Delegating(_Writer):
         hb = _heartbeat(request, self.options, self.slots, settled=False)
         if hb is not None:
             self.reporter.started(hb)
-            self.beats.add(hb, request.message)
+            self.beats.add(hb, request.message, known=hb.options is self.options.get(hb.task_name))
 
     def prerun(self, task: Any, task_id: str) -> None:
-        receipt_handle = _receipt_handle(task)
+        request = task.request
+        receipt_handle = _receipt_handle(request)
         if receipt_handle is None or not self._enabled(task):
             return
         try:
@@ -512,7 +516,7 @@ class Delegating(_Writer):
             )
             return
         self.slots.started(index, key_of(receipt_handle))
-        self.running[threading.get_ident(), task_id] = _Task(receipt_handle, task.request, index)
+        self.running[threading.get_ident(), task_id] = _Task(receipt_handle, request, index)
 
     def postrun(self, task_id: str) -> None:
         running = self.running.pop((threading.get_ident(), task_id), None)
