@@ -374,7 +374,7 @@ def memory(bench: Bench) -> list[dict[str, Any]]:
 
 def beat_process_memory(bench: Bench) -> list[dict[str, Any]]:
     """Private memory and PSS of an idle threads worker's beat process, after it beat a
-    message (its SQS client made and used)."""
+    message (its SQS client made and used), and of the keeper that forked it."""
     queue = f"mem-{uuid.uuid4().hex[:8]}"
     conf = _conf(queue, True, sqs_heartbeat_interval=1, sqs_heartbeat_visibility_timeout=4)
     worker = bench.worker(conf, "threads", MEMORY_CONCURRENCY).start().wait_ready(60)
@@ -383,14 +383,16 @@ def beat_process_memory(bench: Bench) -> list[dict[str, Any]]:
         _wait_acked(bench, queue, 1, timeout=60)
         time.sleep(MEMORY_SETTLE_SECONDS)
         assert worker.process is not None
-        (beats,) = _children(worker.process.pid)
+        (keeper,) = _children(worker.process.pid)
+        (beats,) = _children(keeper)
         return [
             {
-                "process": "beat process",
+                "process": process,
                 "heartbeat": "on",
-                "pss_mb": _pss_mb(beats),
-                "private_mb": _private_mb(beats),
+                "pss_mb": _pss_mb(pid),
+                "private_mb": _private_mb(pid),
             }
+            for process, pid in (("beat process", beats), ("keeper", keeper))
         ]
     finally:
         worker.stop()

@@ -27,8 +27,10 @@ Between the two processes:
 
 The worker's child is a *keeper*, which forks the beat process and forks another at
 once if it dies (the worker's link thread then hands the new one every message it still
-holds). So each beat process is a fork of the quiet worker at ``worker_ready``, never of
-a worker running tasks: a fork of a green worker would copy its running greenlets. Both
+holds). So each beat process is a fork of the quiet worker at ``worker_ready``, not of a
+worker running tasks (whose other threads may hold locks the fork copies, and whose
+greenlets the fork copies too). Only a keeper that dies is forked again from the busy
+worker, in a threads or solo worker; a green worker then stops beating, and says so. Both
 die with the worker: the beat process at the end-of-file, and on Linux both at once
 (``PR_SET_PDEATHSIG``) when their parent is SIGKILLed. They ignore SIGTERM, SIGINT and
 SIGQUIT, so a signal sent to the whole group (systemd's default) leaves the worker's
@@ -87,8 +89,6 @@ IGNORED_SIGNALS = tuple(
     for name in ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2")
     if hasattr(signal, name)
 )
-#: The beat process's exit status when it cannot make an SQS client: not replaced.
-CANNOT_START = 3
 #: ``prctl(PR_SET_PDEATHSIG, ...)``: Linux's number for it.
 _PR_SET_PDEATHSIG = 1
 _PICKLE = pickle.HIGHEST_PROTOCOL
@@ -198,6 +198,8 @@ class BeatProcess:
             hb.task_name,
             hb.task_id,
         )
+        if self._stopping.is_set():
+            return  # no beat process any more (said at ERROR): keep nothing
         generation, commands = self._generation, self._commands
         self._received.put((fields, message, hb.receipt_handle, generation))
         _send(commands, pickle.dumps(("add", *fields), _PICKLE))
@@ -209,6 +211,8 @@ class BeatProcess:
     def ask(self, command: tuple[Any, ...], timeout: float) -> Any:
         """Have the beat process run *command* (``hand_back``, ``stop_all``) and wait
         for its answer, at most *timeout* s (None: none came)."""
+        if self._stopping.is_set() or self._commands is None:
+            return None
         self._asked += 1
         ident, done = self._asked, threading.Event()
         self._answers[ident] = [done, None]
@@ -342,9 +346,6 @@ class BeatProcess:
         the tasks) into the new process."""
         old, code = self.keeper, _reap(self.keeper)
         status = _status(code) if code is not None else "exited"
-        if code is not None and os.WIFEXITED(code) and os.WEXITSTATUS(code) == CANNOT_START:
-            self._stopping.set()  # its beat process said why, and another would fail too
-            return
         self._take_received()
         try:
             if self.green:
@@ -535,17 +536,21 @@ def _keep(
             started = time.monotonic()
             pid = fork()
             if pid == 0:
-                os._exit(
-                    _clean(lambda: _serve(commands, reports, slots, make_clients, level, options))
-                )
+                code = 1  # what an exception leaves: not "the worker closed its end"
+                try:
+                    code = _clean(
+                        lambda: _serve(commands, reports, slots, make_clients, level, options)
+                    )
+                finally:
+                    os._exit(code)
             paused = started - died if old else 0.0
             with contextlib.suppress(OSError):
                 reports.send(pickle.dumps(("started", pid, old, status, paused), _PICKLE))
             _, code = waitpid(pid, 0)
             if os.getppid() != worker:
                 return 0
-            if os.WIFEXITED(code) and os.WEXITSTATUS(code) in (0, CANNOT_START):
-                return int(os.WEXITSTATUS(code))  # the worker closed its end, or no client
+            if os.WIFEXITED(code) and os.WEXITSTATUS(code) == 0:
+                return 0  # the worker closed its end
             old, status, died = pid, _status(code), time.monotonic()
             if died - started < RESPAWN_PAUSE:  # one that dies at once does not loop fast
                 sleep(RESPAWN_PAUSE)
@@ -574,14 +579,15 @@ def _serve(
         logger.setLevel(level)
     counters = Counters(*slots.counter_blocks(None, beat=True))
     slots.forget_in_flight()
+    clients = make_clients()
     try:
-        clients = make_clients()
-    except Exception:
-        logger.exception(
-            "celery-sqs-heartbeat: the beat process could not make an SQS client; the "
-            "worker's messages are not beaten."
+        clients.warm_up()
+    except Exception:  # STS or the instance's metadata, briefly out of reach
+        logger.warning(
+            "celery-sqs-heartbeat: the beat process could not make its SQS client yet; "
+            "each beat tries again.",
+            exc_info=True,
         )
-        return CANNOT_START
     sidecar = Sidecar(
         Sender(clients.for_queue),
         _Forwarder(counters, reports),
@@ -639,10 +645,14 @@ def _die_with_parent() -> None:
 
 
 def _original(module: str, name: str) -> Any:
-    """The system's own *module.name*, not gevent's (which waits on the worker's hub)."""
+    """The system's own *module.name*, not gevent's (which waits on the worker's hub) or
+    eventlet's (which polls)."""
     monkey = sys.modules.get("gevent.monkey")
     if monkey is not None and monkey.is_module_patched(module):
         return monkey.get_original(module, name)
+    patcher = sys.modules.get("eventlet.patcher")
+    if patcher is not None and patcher.is_monkey_patched(module):
+        return getattr(patcher.original(module), name)
     return getattr(sys.modules.get(module) or __import__(module), name)
 
 
@@ -665,7 +675,7 @@ def _clean(run: Callable[[], int]) -> int:
     start = _original("_thread", "start_new_thread")
     done = _original("_thread", "allocate_lock")()
     done.acquire()
-    status = [0]
+    status = [1]  # an exception in *run* is no clean exit
 
     def main() -> None:
         try:

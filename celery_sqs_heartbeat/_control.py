@@ -27,7 +27,7 @@ from ._report import Reporter
 from ._send import Sender
 from ._settings import MAX_VISIBILITY_SECONDS, ConfigurationError, resolve_pace
 from ._sidecar import Sidecar
-from ._slots import Slots
+from ._slots import Slots, key_of
 
 
 class _Control(Protocol):
@@ -67,6 +67,7 @@ class InChild:
     ) -> None:
         self._slots = slots
         self._index = index
+        self._key = key_of(hb.receipt_handle)
         self.heartbeat = hb
         self._sender = sender
         self._report = reporter
@@ -82,11 +83,13 @@ class InChild:
         sender = self._sender()  # built before the main process's beats are held
         if sender is None:
             return False
-        with self._slots.extending(self._index):
+        with self._slots.extending(self._index, self._key) as running:
+            if not running:
+                return False  # its task has ended: the slot is another's now
             sent = time.monotonic()
             answer = sender.send(hb.queue_url, [(hb.receipt_handle, asked)])[0]
             if answer.failure is None:
-                self._slots.extended(self._index, sent, asked)
+                self._slots.extended(self._index, self._key, sent, asked)
         settled = hb.settle(sent, asked, answer, time.monotonic(), manual=True)
         # The task's own record may end here (message gone, denied); the main process's
         # heartbeat, which it does not change, finds out and reports it at its next beat.
@@ -94,7 +97,8 @@ class InChild:
         return answer.failure is None
 
     def reconfigure(self, interval: float, visibility_timeout: int) -> bool:
-        self._slots.configure(self._index, interval, visibility_timeout)
+        if not self._slots.configure(self._index, self._key, interval, visibility_timeout):
+            return False
         self.heartbeat.reconfigure(interval, visibility_timeout)
         return True
 

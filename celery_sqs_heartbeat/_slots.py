@@ -242,29 +242,40 @@ class Slots:
         if busy:
             _wait_idle(slot)
 
-    def configure(self, index: int, interval: float, visibility_timeout: int) -> None:
+    def configure(self, index: int, key: int, interval: float, visibility_timeout: int) -> bool:
+        """The task of message *key* sets its pace; False if it no longer runs there (a
+        handle kept past its task must not pace the next one)."""
         with self._locked(index) as slot:
+            if slot.key != key or slot.state != _RUNNING:
+                return False
             slot.interval, slot.visibility_timeout = interval, visibility_timeout
-            slot.pace_key = slot.key  # last: a write cut short is never read
+            slot.pace_key = key  # last: a write cut short is never read
+            return True
 
     @contextlib.contextmanager
-    def extending(self, index: int) -> Iterator[None]:
-        """Hold the main process's beats while the child sends its own extension."""
+    def extending(self, index: int, key: int) -> Iterator[bool]:
+        """Hold the beating process's beats while the task of message *key* sends its own
+        extension; yields False (and holds nothing) if that task no longer runs there."""
         with self._locked(index) as slot:
-            slot.extending = slot.key
-            busy = slot.in_flight > 0
+            running = slot.key == key and slot.state == _RUNNING
+            if running:
+                slot.extending = key
+            busy = running and slot.in_flight > 0
         try:
             if busy:
                 _wait_idle(slot)
-            yield
+            yield running
         finally:
-            with self._locked(index) as slot:
-                slot.extending = 0
+            if running:
+                with self._locked(index) as slot:
+                    slot.extending = 0
 
-    def extended(self, index: int, at: float, seconds: int) -> None:
+    def extended(self, index: int, key: int, at: float, seconds: int) -> None:
         with self._locked(index) as slot:
+            if slot.key != key:
+                return
             slot.extended_at, slot.extended_for = at, seconds
-            slot.extended_key = slot.key  # last: a write cut short is never read
+            slot.extended_key = key  # last: a write cut short is never read
 
     # -- the main process's side -----------------------------------------------------------
 

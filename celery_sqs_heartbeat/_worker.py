@@ -67,6 +67,9 @@ SHUTDOWN_JOIN_TIMEOUT = 2.0
 #: (32 KB): the beat process knows their messages' tasks ended after their slot moved on,
 #: until the worker tells it that Celery settled them (within a fifth of a second).
 ENDED_RING = 4096
+#: Messages handed back per question to the beat process: its answer (about 700 bytes
+#: a message) must fit one packet of the socket's buffer (about 200 KB).
+HAND_BACK_CHUNK = 100
 #: How long the shutdown's drain waits for the beat process to hand messages back, or to
 #: end their heartbeats: a few client time-outs.
 ASK_TIMEOUT = 15.0
@@ -123,13 +126,16 @@ def _late_options(task: Any) -> HeartbeatOptions:
         return DISABLED
 
 
-def _clients(app: Any, options: dict[str, HeartbeatOptions], loader: Any = None) -> Clients:
+def _clients(
+    app: Any, options: dict[str, HeartbeatOptions], loader: Any = None, *, warm: bool = True
+) -> Clients:
     broker = BrokerInfo.from_app(app)
     assert broker is not None  # a Main role is made for an SQS broker only
     clients = Clients(broker, timeout=call_timeout(shortest_interval(app, options)), loader=loader)
-    # Made now, before any beat: building a client is ~100 ms of Python that a busy
-    # process would slow down many times over.
-    clients.warm_up()
+    if warm:
+        # Made now, before any beat: building a client is ~100 ms of Python that a busy
+        # process would slow down many times over.
+        clients.warm_up()
     return clients
 
 
@@ -482,7 +488,7 @@ class Delegating(_Writer):
         #: kombu's botocore data loader, which the beat process's client shares.
         self.loader: Any = None
         self.beats = BeatProcess(
-            slots, self.reporter, lambda: _clients(app, options, self.loader), options
+            slots, self.reporter, lambda: _clients(app, options, self.loader, warm=False), options
         )
         for index in range(slots.capacity):
             slots.attach(index, os.getpid())
@@ -544,6 +550,7 @@ class Delegating(_Writer):
         try:
             self.beats.spawn(level=logger.getEffectiveLevel())
         except OSError as exc:
+            self.beats.close()
             logger.error(
                 "celery-sqs-heartbeat: no beat process could be started (%s); the worker's "
                 "messages are not beaten.",
@@ -556,8 +563,12 @@ class Delegating(_Writer):
         return self.beats.holds(receipt_handle)
 
     def hand_back(self, receipt_handles: Collection[str]) -> list[tuple[Heartbeat, Answer]]:
-        answer = self.beats.ask(("hand_back", list(receipt_handles)), ASK_TIMEOUT)
-        return list(answer or ())
+        handles = list(receipt_handles)
+        answers: list[tuple[Heartbeat, Answer]] = []
+        for i in range(0, len(handles), HAND_BACK_CHUNK):  # each question and answer a packet
+            chunk = handles[i : i + HAND_BACK_CHUNK]
+            answers += self.beats.ask(("hand_back", chunk), ASK_TIMEOUT) or ()
+        return answers
 
     def stop_all(self, reason: Ended, keep: Collection[str]) -> int:
         return int(self.beats.ask(("stop_all", reason, set(keep)), ASK_TIMEOUT) or 0)

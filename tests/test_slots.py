@@ -122,16 +122,16 @@ def test_a_task_sets_its_own_pace_and_extension_through_its_slot() -> None:
     w = World(fence=slots)
     hb = w.add(interval=1.0, visibility_timeout=10)
     slots.started(0, RH)
-    slots.configure(0, 5.0, 60)
+    assert slots.configure(0, RH, 5.0, 60)
     w.advance(1.0)  # the first beat is due at 1: the new pace puts it off to 5
     assert (hb.options.interval, hb.options.visibility_timeout) == (5.0, 60)
     w.advance(5.0)
     assert [(c.at, c.entries) for c in w.calls] == [(5.0, [("rh", 60)])]
 
-    with slots.extending(0):
+    with slots.extending(0, RH):
         w.advance(12.0)  # its next beat is due at 10: held while the task extends
         assert len(w.calls) == 1, "a regular beat during the task's extension"
-    slots.extended(0, 12.0, 600)
+    slots.extended(0, RH, 12.0, 600)
     w.advance(550)
     # The next regular beat comes when 55 s (window - interval) of the 600 s are left.
     assert len(w.calls) == 1
@@ -146,7 +146,7 @@ def test_a_beat_held_for_the_tasks_own_extension_does_not_spin_the_loop() -> Non
     w = World(fence=slots)
     w.add("rh", interval=1.0, visibility_timeout=4)
     slots.started(0, RH)
-    with slots.extending(0):
+    with slots.extending(0, RH):
         w.advance(3.0)  # due at 1, held for two seconds of the task's slow call
     # A turn per grid step (1/8 s) held, and a few around the due time; not thousands.
     assert w.turns < 40, w.turns
@@ -161,7 +161,7 @@ def test_a_beat_put_off_by_its_task_is_still_sent_later() -> None:
     w = World(fence=slots)
     w.add("rh", interval=0.5, visibility_timeout=2)
     slots.started(0, RH)
-    slots.configure(0, 1.5, 4)
+    slots.configure(0, RH, 1.5, 4)
     w.advance(5)
     assert [c.entries for c in w.calls][:2] == [[("rh", 4)], [("rh", 4)]]
     assert w.calls[0].at == pytest.approx(1.5, abs=0.05)
@@ -228,7 +228,7 @@ def test_a_child_killed_while_extending_leaves_no_hold_on_the_next_task() -> Non
     slots.started(0, key_of("killed"))
 
     def extend_and_die() -> None:
-        with slots.extending(0):
+        with slots.extending(0, key_of("killed")):
             os._exit(0)  # no finally: what a SIGKILL leaves
 
     in_child(extend_and_die)
@@ -283,3 +283,20 @@ def test_a_pace_cut_short_is_never_applied() -> None:
     w.advance(2.0)
     assert (hb.options.interval, hb.options.visibility_timeout) == (1.0, 4)
     assert [c.at for c in w.calls] == [1.0, 2.0]
+
+
+def test_a_handle_kept_past_its_task_writes_nothing_into_the_next_tasks_slot() -> None:
+    """A task hands ``current()`` to a thread that outlives it: once the slot runs the
+    next task, that handle's pace, hold and extension must not land on the next task's
+    message (which would put its beats off, and the task would run twice)."""
+    slots = slots_of(1)
+    slots.started(0, key_of("first"))
+    slots.ended(0)
+    slots.started(0, RH)
+    assert not slots.configure(0, key_of("first"), 60.0, 600)
+    with slots.extending(0, key_of("first")) as running:
+        assert not running
+    slots.extended(0, key_of("first"), 1.0, 600)
+    view = slots.begin(RH, 0)
+    assert view is not None and view.running
+    assert (view.pace, view.extended, view.extending) == (None, None, False)
