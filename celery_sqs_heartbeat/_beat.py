@@ -53,7 +53,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._client import Clients
 from ._heartbeat import Ended, Heartbeat, Settled
@@ -165,12 +165,14 @@ class BeatProcess:
                 commands.close()
                 reports.close()
                 _keep(
-                    theirs_commands,
-                    theirs_reports,
-                    self._slots,
-                    self._clients,
-                    self._level,
-                    self._options,
+                    _Setup(
+                        theirs_commands,
+                        theirs_reports,
+                        self._slots,
+                        self._clients,
+                        self._level,
+                        self._options,
+                    )
                 )
             finally:
                 os._exit(0)
@@ -499,17 +501,21 @@ class _ForwardLogs(logging.Handler):
         _forward(self._reports, ("log", fields))
 
 
-def _keep(
-    commands: socket.socket,
-    reports: socket.socket,
-    slots: Slots,
-    make_clients: Callable[[], Clients],
-    level: int,
-    options: dict[str, HeartbeatOptions],
-) -> None:
+class _Setup(NamedTuple):
+    """What the keeper hands each beat process: its ends of the two socket pairs, the
+    slots, how to make its SQS clients, its log level, and the tasks' options."""
+
+    commands: socket.socket
+    reports: socket.socket
+    slots: Slots
+    make_clients: Callable[[], Clients]
+    level: int
+    options: dict[str, HeartbeatOptions]
+
+
+def _keep(setup: _Setup) -> None:
     """The keeper's life: fork the beat process, and fork it again whenever it dies,
-    until it exits of itself (the worker closed its end, or it cannot start) or the
-    worker is gone.
+    until it exits of itself (the worker closed its end) or the worker is gone.
 
     The keeper is forked while the worker is still quiet (at ``worker_ready``: one
     thread, no greenlet running but the main one), and does nothing else: each beat
@@ -538,9 +544,7 @@ def _keep(
             if pid == 0:
                 code = 1  # what an exception leaves: not "the worker closed its end"
                 try:
-                    code = _clean(
-                        lambda: _serve(commands, reports, slots, make_clients, level, options)
-                    )
+                    code = _clean(lambda: _serve(setup._replace(reports=reports)))
                 finally:
                     os._exit(code)
             paused = started - died if old else 0.0
@@ -555,31 +559,25 @@ def _keep(
             if died - started < RESPAWN_PAUSE:  # one that dies at once does not loop fast
                 sleep(RESPAWN_PAUSE)
 
-    os._exit(_clean(lambda: keep(_rewrap(reports))))
+    os._exit(_clean(lambda: keep(_rewrap(setup.reports))))
 
 
-def _serve(
-    commands: socket.socket,
-    reports: socket.socket,
-    slots: Slots,
-    make_clients: Callable[[], Clients],
-    level: int,
-    options: dict[str, HeartbeatOptions],
-) -> int:
+def _serve(setup: _Setup) -> int:
     """The beat process's life: beat what the worker sends until the worker is gone.
     Returns its exit status."""
+    slots, options = setup.slots, setup.options
     keeper = os.getppid()
     _die_with_parent()
     if os.getppid() != keeper:
         return 0
-    commands, reports = _rewrap(commands), _rewrap(reports)
+    commands, reports = _rewrap(setup.commands), _rewrap(setup.reports)
     logger.handlers[:] = [_ForwardLogs(reports)]
     logger.propagate = False
-    if level:
-        logger.setLevel(level)
+    if setup.level:
+        logger.setLevel(setup.level)
     counters = Counters(*slots.counter_blocks(None, beat=True))
     slots.forget_in_flight()
-    clients = make_clients()
+    clients = setup.make_clients()
     try:
         clients.warm_up()
     except Exception:  # STS or the instance's metadata, briefly out of reach
