@@ -18,7 +18,7 @@ from typing import Any
 import celery
 import pytest
 
-from celery_sqs_heartbeat.testing import WorkerProcess, wait_for
+from celery_sqs_heartbeat.testing import SQSServer, WorkerProcess, wait_for
 
 from .conftest import KOMBU_WAIT_SECONDS, RECEIVE_SLACK, Scenario
 from .test_worker_integration import timeouts
@@ -110,7 +110,9 @@ def test_drain_hands_back_countdown_messages(scenario: Scenario, pool: str) -> N
     term_at = sigterm(draining)
     wait_for(
         lambda: all(received(spare, t) for t in waiting),
-        timeout=HANDED_BACK_WITHIN,
+        # Elsewhere than moto one more long poll: LocalStack's was seen to return only at
+        # its wait time once (1 run in 2) for messages made visible while it waited.
+        timeout=HANDED_BACK_WITHIN * (1 if isinstance(scenario.sqs, SQSServer) else 2),
         what="the spare worker to receive the countdown messages",
     )
     print(f"{pool}: countdown messages on the spare {time.time() - term_at:.2f} s after SIGTERM")
@@ -146,6 +148,7 @@ def test_drain_keeps_what_a_gevent_worker_will_run(scenario: Scenario) -> None:
 PAUSE_AFTER_RESTORE = 3
 
 
+@pytest.mark.needs_request_log("kombu's own visibility changes at exit")
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_no_beat_follows_kombus_release_at_exit(scenario: Scenario, pool: str) -> None:
     """Messages waiting for a rate limit are not handed back by the drain: kombu releases
