@@ -43,19 +43,25 @@ def received(worker: WorkerProcess, task_id: str) -> bool:
     return bool(re.search(rf"Task worker_app\.\w+\[{task_id}\] received", worker.log()))
 
 
+def drain_conf(scenario: Scenario, **extra: Any) -> dict[str, Any]:
+    """The draining worker's settings: a short window, four messages prefetched."""
+    return scenario.config(
+        queue_timeout=QUEUE_TIMEOUT,
+        heartbeat=True,
+        interval=INTERVAL,
+        visibility=VISIBILITY,
+        worker_prefetch_multiplier=4,
+        **extra,
+    )
+
+
 def hold_messages(
     scenario: Scenario, pool: str, **options: Any
 ) -> tuple[dict[str, Any], WorkerProcess, WorkerProcess, str, list[str]]:
     """A draining worker running the long task with *WAITING* short tasks waiting in it
     (sent with *options*), and an idle spare: the settings, both workers, the long
     task's id and the waiting ones'."""
-    conf = scenario.config(
-        queue_timeout=QUEUE_TIMEOUT,
-        heartbeat=True,
-        interval=INTERVAL,
-        visibility=VISIBILITY,
-        worker_prefetch_multiplier=4,
-    )
+    conf = drain_conf(scenario)
     draining = scenario.worker(conf, pool=pool, name="draining")
     draining.wait_ready(60)
     long_id = scenario.send(conf, "sleep", LONG_SECONDS)
@@ -156,14 +162,7 @@ def test_no_beat_follows_kombus_release_at_exit(scenario: Scenario, pool: str) -
     heartbeats end just before it, not at ``worker_shutdown`` a moment later (the test's
     worker pauses in between, long enough for several beats). In a threads worker the
     beat process ends them, asked by the worker's main thread."""
-    conf = scenario.config(
-        queue_timeout=QUEUE_TIMEOUT,
-        heartbeat=True,
-        interval=INTERVAL,
-        visibility=VISIBILITY,
-        worker_prefetch_multiplier=4,
-        task_annotations={"worker_app.plain": {"rate_limit": "1/h"}},
-    )
+    conf = drain_conf(scenario, task_annotations={"worker_app.plain": {"rate_limit": "1/h"}})
     draining = scenario.worker(
         conf,
         name="draining",
