@@ -7,7 +7,10 @@ and the kombu series of the same number (Celery 5.4.0 would otherwise take any k
 
 * the unit tests;
 * one exactly-once test and its heartbeat-off twin, each in a prefork and a threads
-  worker, against moto's server (or ``SQS_TEST_ENDPOINT``).
+  worker, against moto's server (or ``SQS_TEST_ENDPOINT``);
+* with Python 3.11, the shutdown tests (warm, cold, soft, the drain): each recipe of
+  the Deploying page, as written for the series (``tests/test_lifecycle_integration.py``
+  and ``tests/test_drain_integration.py``).
 
 Interpreters are found on ``PATH`` (the Makefile adds pyenv's versions); a missing one
 is a skipped cell, and the table says so.
@@ -35,6 +38,13 @@ EXACTLY_ONCE = [
     f"{INTEGRATION}::test_long_task_runs_twice_without_heartbeat[prefork]",
     f"{INTEGRATION}::test_long_task_runs_twice_without_heartbeat[threads]",
 ]
+#: The shutdown recipes and the drain, which read Celery's internals of each series.
+SHUTDOWNS = [
+    "tests/test_lifecycle_integration.py",
+    "tests/test_drain_integration.py",
+]
+#: They depend on the Celery series, not on Python: one Python runs them.
+SHUTDOWN_PYTHON = "3.11"
 VERSIONS = (
     "import json, platform, celery, kombu, botocore;"
     "print(json.dumps({'python': platform.python_version(), 'celery': celery.__version__,"
@@ -56,6 +66,8 @@ def compat(session: nox.Session, celery: str) -> None:
         (RESULTS / f"{session.name}.json").write_text(str(versions).strip())
     session.run("python", "-m", "pytest", "-m", "not integration", "-q", "-p", "no:cacheprovider")
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *EXACTLY_ONCE)
+    if session.python == SHUTDOWN_PYTHON:
+        session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *SHUTDOWNS)
 
 
 def table(reports: list[Path]) -> str:

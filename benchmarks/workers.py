@@ -398,6 +398,69 @@ def beat_process_memory(bench: Bench) -> list[dict[str, Any]]:
         worker.stop()
 
 
+#: Tasks an aged worker has run before its memory is read (the issue's "after the same
+#: >= 10,000 tasks"), sent in rounds so that moto holds few messages at once.
+AGED_TASKS = 10_000
+AGED_ROUND = 1_000
+
+
+def _tree(pid: int) -> list[int]:
+    """*pid* and every process below it."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += _children(p)
+    return found
+
+
+def aged_memory(bench: Bench, tasks: int = AGED_TASKS) -> dict[str, Any]:
+    """What the heartbeat adds to a threads worker (-c 4) that has run *tasks* no-op
+    tasks: the sum of the PSS of all its processes (the worker, the keeper, the beat
+    process), heartbeat on minus the same worker with it off. The sum of PSS over a
+    tree of forks counts each physical page once, so the difference is what the
+    heartbeat costs the machine, shared pages included."""
+    result: dict[str, Any] = {"tasks": tasks}
+    with MotoProcess() as moto:
+        broker_url = f"sqs://127.0.0.1:{moto.port}"
+        for heartbeat in (False, True):
+            queue = f"aged-{uuid.uuid4().hex[:8]}"
+            conf = _conf(queue, heartbeat)
+            conf["broker_transport_options"]["polling_interval"] = THROUGHPUT_POLLING_INTERVAL
+            conf["worker_prefetch_multiplier"] = THROUGHPUT_PREFETCH_MULTIPLIER
+            worker = bench.worker(conf, "threads", MEMORY_CONCURRENCY, broker_url=broker_url)
+            worker.start().wait_ready(60)
+            try:
+                assert worker.process is not None
+                young = {p: _pss_mb(p) for p in _tree(worker.process.pid)}
+                for done in range(AGED_ROUND, tasks + 1, AGED_ROUND):
+                    send = functools.partial(
+                        _send_noops, broker_url, queue, conf, AGED_ROUND // SEND_THREADS
+                    )
+                    with ThreadPoolExecutor(SEND_THREADS) as senders:
+                        for future in [senders.submit(send) for _ in range(SEND_THREADS)]:
+                            future.result()
+                    wait_for(
+                        lambda n=done, w=worker: len(w.log_lines(" succeeded in ")) >= n,
+                        timeout=600,
+                        interval=0.5,
+                        what=f"{done} tasks to succeed",
+                    )
+                time.sleep(MEMORY_SETTLE_SECONDS)
+                aged = {p: _pss_mb(p) for p in _tree(worker.process.pid)}
+            finally:
+                worker.stop()
+            arm = "on" if heartbeat else "off"
+            result[arm] = {
+                "young_mb": sum(young.values()),
+                "aged_mb": sum(aged.values()),
+                "processes": len(aged),
+            }
+    result["added_young_mb"] = result["on"]["young_mb"] - result["off"]["young_mb"]
+    result["added_mb"] = result["on"]["aged_mb"] - result["off"]["aged_mb"]
+    return result
+
+
 def run() -> dict[str, Any]:
     os.environ.update(FAKE_AWS_ENV)
     with SQSServer() as sqs:
@@ -414,7 +477,9 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("figure", choices=["memory", "throughput", "calls", "punctuality"])
+    parser.add_argument(
+        "figure", choices=["memory", "aged_memory", "throughput", "calls", "punctuality"]
+    )
     args = parser.parse_args()
     os.environ.update(FAKE_AWS_ENV)
     with SQSServer() as server:

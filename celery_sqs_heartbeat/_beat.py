@@ -1,63 +1,33 @@
 """The beat process: the beats of a threads, solo, gevent or eventlet worker come from a
 small process of the worker's own that runs no task.
 
-In these pools the tasks run in the worker's main process, so a heartbeat thread there
-shares their interpreter: a task stuck in one C call that holds the GIL, or a greenlet
-that never yields, would starve it. At ``worker_ready``, once kombu has connected and
-before the pool starts a thread (the worker's only thread is its main thread then), the
-worker forks a process that runs only a sidecar (``_sidecar``), as a prefork worker's
-main process does for its children. The fork shares the loaded modules and kombu's
-parsed SQS models copy-on-write, and ``gc.freeze()`` in the child keeps its collector
-from writing to (and so copying) them.
-
-Between the two processes:
-
-* Two socket pairs of packets (``SOCK_SEQPACKET``), one per direction. A ``send`` is one
-  whole packet, so any thread sends without a lock, and the end of either process is an
-  end-of-file for the other. The worker sends each message it receives (``add``) and
-  each message Celery settled before its task ended there (``settled``).
-  The beat process sends back what its sidecar reports (``settled``, ``ended``) and its
-  own log records: the worker counts, signals and logs them itself, so receivers, log
-  lines and :func:`~celery_sqs_heartbeat.stats` stay in the worker. A worker too busy
-  to read (a task holding the GIL) never holds up a beat: reports that do not fit the
-  socket's buffer are dropped, and the worker says how many.
-* The slots of ``_slots``, mapped before the fork: the task's thread or greenlet writes
-  one at ``task_prerun`` and ``task_postrun``, as a prefork pool child does, so
-  ``task_postrun`` stays final.
-
-The worker's child is a *keeper*, which forks the beat process and forks another at
-once if it dies (the worker's link thread then hands the new one every message it still
-holds). So each beat process is a fork of the quiet worker at ``worker_ready``, not of a
-worker running tasks (whose other threads may hold locks the fork copies, and whose
-greenlets the fork copies too). Only a keeper that dies is forked again from the busy
-worker, in a threads or solo worker; a green worker then stops beating, and says so. Both
-die with the worker: the beat process at the end-of-file, and on Linux both at once
-(``PR_SET_PDEATHSIG``) when their parent is SIGKILLed. They ignore SIGTERM, SIGINT and
-SIGQUIT, so a signal sent to the whole group (systemd's default) leaves the worker's
-drain its beats.
+This module holds the worker's side (:class:`BeatProcess` and its link thread) and the
+beat process's own life (:func:`_serve`); the keeper between them is ``_keeper``.
+How the three fit, what each owns, and what heals what: ``docs/how-it-works.md``.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import ctypes
-import gc
+import functools
 import logging
+import math
 import os
 import pickle
 import queue
 import signal
 import socket
-import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
+from . import _keeper, _system
 from ._client import Clients
 from ._heartbeat import Ended, Heartbeat, Settled
-from ._report import Counters, Reporter
+from ._report import STARTED, Counters, Reporter
 from ._send import Answer, Sender
 from ._settings import HeartbeatOptions
 from ._sidecar import Sidecar
@@ -67,30 +37,28 @@ __all__ = ["BeatProcess", "supported"]
 
 logger = logging.getLogger("celery_sqs_heartbeat")
 
-#: How often the worker's link thread looks for messages Celery settled, and how often
-#: the beat process makes sure its worker is still there, in seconds.
-LINK_POLL = 0.2
-#: The largest packet either side reads: a message's receipt handle and queue URL, or a
-#: log record with its traceback, fit many times over.
-MAX_PACKET = 1 << 20
-#: A beat process (or keeper) that dies sooner than this after its start is forked again
-#: only after this long, so one that dies at once does not fork in a loop.
-RESPAWN_PAUSE = 1.0
-#: How long worker shutdown waits for the beat process to exit before it kills it.
+#: How often the worker's link thread looks for messages Celery settled and hands on
+#: what it was given, and how often the beat process ticks, in seconds.
+LINK_POLL = _keeper.TICK
+#: The largest packet either side reads.
+MAX_PACKET = _keeper.MAX_PACKET
+#: A keeper that dies sooner than this after its start is forked again only after this
+#: long; :data:`~._keeper.MAX_QUICK_DEATHS` such deaths in a row, and the worker beats
+#: in its own process.
+RESPAWN_PAUSE = _keeper.RESPAWN_PAUSE
+#: How long worker shutdown waits for the keeper to exit before it kills it.
 EXIT_WAIT = 2.0
 #: The worker's link thread's name.
 LINK_THREAD = "celery-sqs-heartbeat-link"
 #: The beat process's name in the worker's log lines (``%(processName)s``).
 PROCESS_NAME = "HeartbeatProcess"
-#: The signals the keeper and the beat process ignore: the stops of the whole group
-#: (systemd's default), and the ones Celery handles in the worker (SIGHUP restarts it).
-IGNORED_SIGNALS = tuple(
-    getattr(signal, name)
-    for name in ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2")
-    if hasattr(signal, name)
-)
-#: ``prctl(PR_SET_PDEATHSIG, ...)``: Linux's number for it.
-_PR_SET_PDEATHSIG = 1
+#: Commands the link thread keeps while the keeper does not read them (a keeper that
+#: stopped is killed and replaced within the hang limit, and handed every message).
+MAX_OUTBOX = 10_000
+#: Messages handed back per question to the beat process: its answer (about 700 bytes
+#: a message) must fit one packet of the socket's buffer (about 200 KB).
+HAND_BACK_CHUNK = 100
+IGNORED_SIGNALS = _system.IGNORED_SIGNALS
 _PICKLE = pickle.HIGHEST_PROTOCOL
 
 
@@ -103,8 +71,19 @@ def _pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
+class _Config(NamedTuple):
+    """What each beat process is forked with: the slots, how to make its SQS clients,
+    its log level, and the tasks' options resolved at the worker's start."""
+
+    slots: Slots
+    make_clients: Callable[[], Clients]
+    level: int
+    options: dict[str, HeartbeatOptions]
+
+
 class BeatProcess:
-    """The worker's side: it forks the beat process, feeds it, and replaces it."""
+    """The worker's side: it forks the keeper, feeds it, watches it, and replaces it;
+    where no keeper can be kept, it beats from the worker's own process (*fallback*)."""
 
     def __init__(
         self,
@@ -112,6 +91,9 @@ class BeatProcess:
         reporter: Reporter,
         clients: Callable[[], Clients],
         options: dict[str, HeartbeatOptions],
+        *,
+        margin: float = math.inf,
+        fallback: Callable[[str], Sidecar] | None = None,
     ) -> None:
         self._slots = slots
         self._report = reporter
@@ -119,29 +101,42 @@ class BeatProcess:
         #: The options of each task resolved at the worker's start, which the beat
         #: process inherits: a message's options are sent only when they differ.
         self._options = options
-        #: The keeper (the worker's child that forks the beat process, and forks it again
-        #: if it dies), the beat process, and the worker's ends of their socket pairs.
+        #: How long the keeper or a beat process may go without a tick.
+        self.hang = _keeper.hang_limit(margin)
+        #: Makes the sidecar of the worker's own process, given why it is needed.
+        self._fallback = fallback
+        #: That sidecar, once made: every message is beaten there from then on.
+        self.local: Sidecar | None = None
+        #: The keeper, the beat process it last forked, and the worker's ends of their
+        #: socket pairs (commands: the C library's socket, so a send never waits).
         self.keeper = 0
         self.pid = 0
         #: A green worker cannot fork safely once its greenlets run (see _replace).
         self.green = False
-        self._commands: socket.socket | None = None
+        self._commands: Any = None
         self._reports: socket.socket | None = None
-        #: Bumped by each new beat process: a message sent to an older one is sent again.
-        self._generation = 0
         self._spawned_at = 0.0
         self._level = logging.NOTSET
-        #: Messages received, on their way to the link thread: (what the beat process
-        #: is sent of it, Celery's message, receipt handle, generation it was sent to).
-        self._received: queue.SimpleQueue[tuple[tuple[Any, ...], Any, str, int]] = (
-            queue.SimpleQueue()
-        )
+        #: What any thread hands the link thread: ("add", fields, message, sent) for a
+        #: message received, ("ask", ident, command) for a question.
+        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         #: The link thread's own: every message the beat process beats, by receipt
         #: handle, with Celery's message and what the beat process was sent of it.
         self._held: dict[str, tuple[Any, tuple[Any, ...]]] = {}
+        #: The link thread's own: commands the keeper has not read yet.
+        self._outbox: collections.deque[tuple[str, str, bytes]] = collections.deque()
+        self._dropped = 0
         self._swept = 0.0
-        #: Questions to the beat process waiting for its answer: [answered, answer].
-        self._answers: dict[int, list[Any]] = {}
+        #: When the link thread last heard from the keeper's side, and why it killed it.
+        self._heard = 0.0
+        self._killed = ""
+        #: When the link thread last turned: one starved for longer hears nothing.
+        self._turned = 0.0
+        #: Keepers in a row that died young, and why the keeper gave up (its last word).
+        self._quick = 0
+        self._gave_up = ""
+        #: Questions to the beat process waiting for its answer.
+        self._answers: dict[int, _Answer] = {}
         self._asked = 0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -150,8 +145,7 @@ class BeatProcess:
 
     def spawn(self, level: int | None = None) -> None:
         """Fork the keeper, which forks a beat process that logs at *level* (raises
-        ``OSError`` where that fails); messages received before are sent to it (by the
-        link thread)."""
+        ``OSError`` where that fails)."""
         if level is not None:
             self._level = level
         for old in (self._commands, self._reports):  # a keeper's that died
@@ -159,39 +153,43 @@ class BeatProcess:
                 old.close()
         commands, theirs_commands = _pair()
         reports, theirs_reports = _pair()
-        pid = os.fork()
+        config = _Config(self._slots, self._clients, self._level, self._options)
+        setup = _keeper.Setup(
+            theirs_commands, theirs_reports, self.hang, functools.partial(_serve, config)
+        )
+        try:
+            pid = os.fork()
+        except OSError:
+            for sock in (commands, theirs_commands, reports, theirs_reports):
+                sock.close()
+            self._commands = self._reports = None
+            raise
         if pid == 0:  # the keeper: it never returns to Celery
             try:
                 commands.close()
                 reports.close()
-                _keep(
-                    _Setup(
-                        theirs_commands,
-                        theirs_reports,
-                        self._slots,
-                        self._clients,
-                        self._level,
-                        self._options,
-                    )
-                )
+                _keeper.keep(setup)
             finally:
-                os._exit(0)
+                os._exit(1)
         theirs_commands.close()
         theirs_reports.close()
         reports.settimeout(LINK_POLL)
         self._reports, self.keeper, self.pid = reports, pid, 0
-        self._commands = commands  # before the generation: see add()
-        self._generation += 1
-        self._spawned_at = time.monotonic()
+        self._commands = _keeper.raw(commands)
+        self._spawned_at = self._heard = time.monotonic()
 
     def start(self) -> None:
-        """Start the link thread that reads the beat process's reports."""
+        """Start the link thread that feeds the keeper and reads the reports."""
         self._thread = threading.Thread(target=self._link, name=LINK_THREAD, daemon=True)
         self._thread.start()
 
     def add(self, hb: Heartbeat, message: Any, *, known: bool = False) -> None:
         """Beat *hb*'s message from its receipt (``task_received``, the consumer's thread).
-        *known*: its options are its task's resolved at the worker's start."""
+        *known*: its options are its task's resolved at the worker's start.
+
+        Sent at once, before its task can start (which may then starve every other
+        thread of this process), and never waiting: what does not fit now the link
+        thread sends later."""
         fields = (
             hb.receipt_handle,
             hb.queue_url,
@@ -200,49 +198,84 @@ class BeatProcess:
             hb.task_name,
             hb.task_id,
         )
-        if self._stopping.is_set():
-            return  # no beat process any more (said at ERROR): keep nothing
-        generation, commands = self._generation, self._commands
-        self._received.put((fields, message, hb.receipt_handle, generation))
-        _send(commands, pickle.dumps(("add", *fields), _PICKLE))
+        self._report.counters.add(STARTED)  # here: whichever process beats it, and when
+        sent = self.local is None and _keeper.send(
+            self._commands, pickle.dumps(("add", *fields), _PICKLE)
+        )
+        self._inbox.put(("add", fields, message, sent))
 
     def holds(self, receipt_handle: str) -> bool:
-        """Whether the beat process beats this message (as the link thread last knew)."""
+        """Whether this worker's beats cover the message (as the link thread last knew)."""
+        local = self.local
+        if local is not None:
+            return local.get(receipt_handle) is not None
         return receipt_handle in self._held
 
     def ask(self, command: tuple[Any, ...], timeout: float) -> Any:
         """Have the beat process run *command* (``hand_back``, ``stop_all``) and wait
         for its answer, at most *timeout* s (None: none came)."""
+        local = self.local
+        if local is not None:
+            return _run(local, command[0], command[1:])
         if self._stopping.is_set() or self._commands is None:
             return None
         self._asked += 1
-        ident, done = self._asked, threading.Event()
-        self._answers[ident] = [done, None]
-        _send(self._commands, pickle.dumps(("ask", ident, *command), _PICKLE))
-        done.wait(timeout)
-        return self._answers.pop(ident)[1]
+        ident, answer = self._asked, _Answer()
+        self._answers[ident] = answer
+        self._inbox.put(("ask", ident, command))
+        answer.done.wait(timeout)
+        self._answers.pop(ident, None)
+        return answer.value
+
+    def hand_back(self, receipt_handles: Collection[str], timeout: float) -> list[Any]:
+        """Have the beat process hand these messages back (``Sidecar.hand_back``), in
+        questions whose answers fit a packet each, all within *timeout* s."""
+        handles = list(receipt_handles)
+        answers: list[Any] = []
+        deadline = time.monotonic() + timeout  # one for the whole drain
+        for i in range(0, len(handles), HAND_BACK_CHUNK):
+            chunk = handles[i : i + HAND_BACK_CHUNK]
+            answer = self.ask(("hand_back", chunk), max(0.0, deadline - time.monotonic()))
+            if answer is None:
+                logger.warning(
+                    "celery-sqs-heartbeat: the beat process did not hand back %d waiting "
+                    "messages within %g s; each comes back when its visibility runs out.",
+                    len(handles) - i,
+                    timeout,
+                )
+                break
+            answers += answer
+        return answers
 
     def close(self) -> None:
         """Stop the beat process and the link thread (worker shutdown)."""
         self._stopping.set()
         commands, self._commands = self._commands, None
         if commands is not None:
-            commands.close()  # the beat process's end-of-file
+            commands.close()  # the keeper's end-of-file, and so the beat process's
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(EXIT_WAIT)
-        if self.keeper and not _reaped(self.keeper, EXIT_WAIT):
+        if self.keeper and not _system.reaped(self.keeper, EXIT_WAIT):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.keeper, signal.SIGKILL)  # and so the beat process (pdeathsig)
-            _reaped(self.keeper, EXIT_WAIT)
+            _system.reaped(self.keeper, EXIT_WAIT)
+        _system.reap_orphan(self.pid, EXIT_WAIT)
         self.keeper = self.pid = 0
+        local, self.local = self.local, None
+        if local is not None:
+            local.shutdown(EXIT_WAIT)
 
     # -- the link thread ---------------------------------------------------------------
 
     def _link(self) -> None:
         while not self._stopping.is_set():
             try:
-                self._turn()
+                if self.local is None:
+                    self._turn()
+                else:
+                    self._take_inbox()
+                    self._stopping.wait(LINK_POLL)
             except Exception:  # pragma: no cover - a bug; keep the link alive
                 logger.exception("celery-sqs-heartbeat: unexpected error in the beat link")
                 self._stopping.wait(LINK_POLL)
@@ -256,25 +289,70 @@ class BeatProcess:
             packet = None
         except OSError:
             packet = b""
-        self._take_received()
+        self._take_inbox()
         if packet == b"":
             if not self._stopping.is_set():
                 self._replace()
             return
+        now = time.monotonic()
+        if now - self._turned > 2 * LINK_POLL:
+            self._heard = now  # this thread was starved: it cannot tell a silent keeper
+        self._turned = now
         if packet:
-            self._on_report(pickle.loads(packet))
-        if time.monotonic() >= self._swept + LINK_POLL:
+            report = pickle.loads(packet)
+            if report[0] in ("tick", "started"):  # the beat process reports too
+                self._heard = now
+            self._on_report(report)
+        elif now - self._heard > self.hang and self.keeper and not self._killed:
+            # Nothing from the keeper for that long, though it ticks: it stopped.
+            self._killed = f"stopped ticking for {now - self._heard:.1f} s and was killed"
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.keeper, signal.SIGKILL)  # its end-of-file replaces it
+        if now >= self._swept + LINK_POLL:
             self._sweep()
+        self._flush()
 
-    def _take_received(self) -> None:
+    def _take_inbox(self) -> None:
         while True:
             try:
-                fields, message, receipt_handle, generation = self._received.get_nowait()
+                item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            self._held[receipt_handle] = (message, fields)
-            if generation != self._generation:  # sent before this beat process was made
-                _send(self._commands, pickle.dumps(("add", *fields), _PICKLE))
+            if item[0] == "ask":
+                _, ident, command = item
+                if self.local is None:
+                    self._queue("ask", "", pickle.dumps(("ask", ident, *command), _PICKLE))
+                elif (answer := self._answers.get(ident)) is not None:
+                    answer.set(_run(self.local, command[0], command[1:]))  # asked before
+                continue
+            _, fields, message, sent = item
+            if self.local is not None:
+                self.local.add(self._heartbeat(fields, message), counted=False, told=True)
+                continue
+            self._held[fields[0]] = (message, fields)
+            if not sent:
+                self._queue("add", fields[0], pickle.dumps(("add", *fields), _PICKLE))
+
+    def _queue(self, kind: str, receipt_handle: str, packet: bytes) -> None:
+        if len(self._outbox) >= MAX_OUTBOX:
+            self._outbox.popleft()
+            self._dropped += 1
+        self._outbox.append((kind, receipt_handle, packet))
+
+    def _flush(self) -> None:
+        """Hand the keeper what waits, as much as fits now (never waiting for it)."""
+        while self._outbox:
+            if not _keeper.send(self._commands, self._outbox[0][2]):
+                break
+            self._outbox.popleft()
+        if self._dropped:
+            logger.warning(
+                "celery-sqs-heartbeat: the beat process's keeper did not read %d commands "
+                "in time; they were dropped (a keeper that stopped is replaced and handed "
+                "every message this worker holds).",
+                self._dropped,
+            )
+            self._dropped = 0
 
     def _sweep(self) -> None:
         """Tell the beat process of each message Celery settled (acknowledged, rejected,
@@ -283,7 +361,7 @@ class BeatProcess:
         settled = [rh for rh, (message, _) in self._held.items() if message.acknowledged]
         for receipt_handle in settled:
             del self._held[receipt_handle]
-            _send(self._commands, pickle.dumps(("settled", receipt_handle), _PICKLE))
+            self._queue("settled", receipt_handle, pickle.dumps(("settled", receipt_handle)))
 
     def _on_report(self, report: tuple[Any, ...]) -> None:
         kind = report[0]
@@ -301,13 +379,21 @@ class BeatProcess:
             record = logging.makeLogRecord(report[1])
             if logger.isEnabledFor(record.levelno):
                 logger.handle(record)
+        elif kind == "tick":
+            if report[1]:
+                logger.warning(
+                    "celery-sqs-heartbeat: the beat process did not read %d commands in "
+                    "time; they were dropped (its replacement is handed every message).",
+                    report[1],
+                )
         elif kind == "started":
             self._started(*report[1:])
         elif kind == "answer":
-            waiting = self._answers.get(report[1])
-            if waiting is not None:
-                waiting[1] = report[2]
-                waiting[0].set()
+            answer = self._answers.get(report[1])
+            if answer is not None:
+                answer.set(report[2])
+        elif kind == "gave_up":
+            self._gave_up = report[1]
         elif kind == "dropped":
             logger.warning(
                 "celery-sqs-heartbeat: the worker was too busy to read %d reports of its beat "
@@ -316,8 +402,9 @@ class BeatProcess:
                 report[1],
             )
 
-    def _started(self, pid: int, old: int, status: str, paused: float) -> None:
-        """The keeper forked beat process *pid*; in place of *old*, which died."""
+    def _started(self, pid: int, old: int, status: str, paused: float, held: int) -> None:
+        """The keeper forked beat process *pid*; in place of *old*, which died or hung,
+        and handed it the *held* messages itself."""
         self.pid = pid
         if not old:
             logger.info(
@@ -333,107 +420,138 @@ class BeatProcess:
             status,
             paused,
             pid,
-            len(self._held),
+            held,
         )
-        self._hand_over()
-
-    def _hand_over(self) -> None:
-        """Send a new beat process every message the worker holds."""
-        for _, fields in self._held.values():
-            _send(self._commands, pickle.dumps(("again", *fields), _PICKLE))
 
     def _replace(self) -> None:
-        """The keeper died (and so the beat process): fork another, unless this is a
-        green worker, whose fork would copy its running greenlets (a second consumer,
-        the tasks) into the new process."""
-        old, code = self.keeper, _reap(self.keeper)
-        status = _status(code) if code is not None else "exited"
-        self._take_received()
+        """The keeper died (and so the beat process): fork another and hand it every
+        message, unless that cannot be done; then the worker beats them itself."""
+        old, code = self.keeper, _system.reap(self.keeper)
+        _system.reap_orphan(self.pid, EXIT_WAIT)  # a worker that is PID 1 inherits it
+        how = self._killed or (_system.status(code) if code is not None else "exited")
+        self._killed = ""
+        self._take_inbox()
+        self._outbox.clear()  # every held message is handed over below
+        lived = time.monotonic() - self._spawned_at
+        self._quick = self._quick + 1 if lived < _keeper.QUICK_DEATH else 0
+        why = f"the beat process's keeper (pid {old}) {how}"
+        if code is not None and os.WIFEXITED(code) and os.WEXITSTATUS(code) == _keeper.GAVE_UP:
+            return self.fall_back(f"the beat process's keeper (pid {old}) gave up: {self._gave_up}")
+        if self.green:
+            return self.fall_back(f"{why}, and a green worker cannot fork once it runs")
+        if self._quick >= _keeper.MAX_QUICK_DEATHS:
+            return self.fall_back(f"{why}, the {self._quick}th in a row soon after its start")
         try:
-            if self.green:
-                raise OSError("a green worker cannot fork once it runs")
             if self._stopping.wait(self._spawned_at + RESPAWN_PAUSE - time.monotonic()):
-                return  # the worker is shutting down
+                return None  # the worker is shutting down
             self.spawn()
         except OSError as exc:
-            logger.error(
-                "celery-sqs-heartbeat: the beat process's keeper (pid %d) %s and no new one "
-                "could be started (%s); the messages this worker holds (%d) are no longer "
-                "beaten.",
-                old,
-                status,
-                exc,
-                len(self._held),
-            )
-            self._stopping.set()
-            return
+            return self.fall_back(f"{why}, and no new one could be forked ({exc})")
         logger.warning(
             "celery-sqs-heartbeat: the beat process's keeper (pid %d) %s; a new one (pid "
             "%d) starts a beat process for the messages this worker holds (%d).",
             old,
-            status,
+            how,
             self.keeper,
             len(self._held),
         )
-        self._hand_over()
-
-
-def _send(sock: socket.socket | None, packet: bytes) -> None:
-    """Send one packet; a beat process that is gone is the link thread's to replace."""
-    if sock is None:
-        return
-    with contextlib.suppress(OSError):
-        sock.send(packet, socket.MSG_NOSIGNAL)
-
-
-def _reaped(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return True
-        if done:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
-
-
-def _reap(pid: int) -> int | None:
-    """The wait status of child *pid*, reaped now (None: reaped already)."""
-    try:
-        return os.waitpid(pid, 0)[1]
-    except ChildProcessError:
+        for rh, (_, fields) in self._held.items():
+            self._queue("add", rh, pickle.dumps(("add", *fields), _PICKLE))
+        self._flush()
         return None
 
+    def fall_back(self, why: str) -> None:
+        """From now on beat every message in the worker's own process (said at WARNING
+        by *fallback*, with the margin), or, without one, say that nothing is beaten."""
+        for sock in (self._commands, self._reports):
+            if sock is not None:
+                sock.close()
+        self._commands = self._reports = None
+        self.keeper = self.pid = 0
+        if self._fallback is None:
+            logger.error(
+                "celery-sqs-heartbeat: %s; the messages this worker holds (%d) are no "
+                "longer beaten.",
+                why,
+                len(self._held),
+            )
+            self._stopping.set()
+            return
+        try:
+            local = self._fallback(why)
+        except Exception:
+            logger.exception(
+                "celery-sqs-heartbeat: %s, and the worker could not beat its messages "
+                "itself; they are no longer beaten.",
+                why,
+            )
+            self._stopping.set()
+            return
+        for message, fields in self._held.values():
+            local.add(self._heartbeat(fields, message), counted=False, told=True)
+        self._held.clear()
+        self.local = local
+        self._take_inbox()
 
-def _status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+    def _heartbeat(self, fields: tuple[Any, ...], message: Any) -> Heartbeat:
+        """The heartbeat of the worker's own process for a message it received."""
+        rh, queue_url, given, received, task_name, task_id = fields
+        return Heartbeat(
+            rh,
+            queue_url,
+            given or self._options[task_name],
+            received,
+            task_name,
+            task_id,
+            lambda: bool(message.acknowledged),
+        )
+
+
+class _Answer:
+    """A question's answer, set once by the link thread."""
+
+    __slots__ = ("done", "value")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Any = None
+
+    def set(self, value: Any) -> None:
+        self.value = value
+        self.done.set()
+
+
+def _run(sidecar: Sidecar, question: str, args: tuple[Any, ...]) -> Any:
+    """Run one of the worker's shutdown questions on *sidecar*."""
+    if question == "hand_back":
+        return sidecar.hand_back(args[0])
+    if question == "stop_all":
+        return sidecar.stop_all(args[0], keep=args[1])
+    return None
 
 
 # -- the beat process ------------------------------------------------------------------------
 
 
-def _forward(reports: socket.socket, report: tuple[Any, ...]) -> bool:
-    """Hand *report* to the worker without waiting; False if it does not fit now."""
+def _forward(sock: socket.socket, report: tuple[Any, ...]) -> bool:
+    """Hand *report* on without waiting; False if it does not fit now."""
     try:
-        reports.send(pickle.dumps(report, _PICKLE), socket.MSG_DONTWAIT)
+        sock.send(pickle.dumps(report, _PICKLE), socket.MSG_DONTWAIT)
     except BlockingIOError:
         return False
     except OSError:
-        pass  # the worker is gone; so is this process, soon
+        pass  # the worker (or the keeper) is gone; so is this process, soon
     return True
 
 
 class _Forwarder(Reporter):
-    """The beat process's reporter: it hands every report to the worker."""
+    """The beat process's reporter: it hands every report to the worker, and tells the
+    keeper of each heartbeat that ended (it holds that message no more)."""
 
-    def __init__(self, counters: Counters, reports: socket.socket) -> None:
+    def __init__(self, counters: Counters, reports: socket.socket, link: socket.socket) -> None:
         super().__init__(counters, region=lambda: None)
         self._reports = reports
+        self._link = link
         #: Reports dropped because the worker did not read them in time.
         self.dropped = 0
 
@@ -446,6 +564,7 @@ class _Forwarder(Reporter):
         self._forward(("settled", s))
 
     def ended(self, hb: Heartbeat, beats: int, detail: str = "") -> None:
+        _forward(self._link, ("done", hb.receipt_handle))
         self._forward(("ended", hb, beats, detail))
 
     def _forward(self, report: tuple[Any, ...]) -> None:
@@ -501,83 +620,31 @@ class _ForwardLogs(logging.Handler):
         _forward(self._reports, ("log", fields))
 
 
-class _Setup(NamedTuple):
-    """What the keeper hands each beat process: its ends of the two socket pairs, the
-    slots, how to make its SQS clients, its log level, and the tasks' options."""
-
-    commands: socket.socket
-    reports: socket.socket
-    slots: Slots
-    make_clients: Callable[[], Clients]
-    level: int
-    options: dict[str, HeartbeatOptions]
-
-
-def _keep(setup: _Setup) -> None:
-    """The keeper's life: fork the beat process, and fork it again whenever it dies,
-    until it exits of itself (the worker closed its end) or the worker is gone.
-
-    The keeper is forked while the worker is still quiet (at ``worker_ready``: one
-    thread, no greenlet running but the main one), and does nothing else: each beat
-    process is a fork of that quiet state, never of a worker running tasks. Under
-    gevent it runs on a hub of its own (:func:`_clean`), and waits with the system's own
-    calls.
-    """
-    worker = os.getppid()
-    for signum in IGNORED_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    _die_with_parent()
-    if os.getppid() != worker:
-        return
-    gc.freeze()  # the worker's objects stay shared: the collector no longer writes them
-    fork, waitpid, sleep = (
-        _original("os", "fork"),
-        _original("os", "waitpid"),
-        _original("time", "sleep"),
-    )
-
-    def keep(reports: socket.socket) -> int:
-        old, status, died = 0, "", 0.0
-        while True:
-            started = time.monotonic()
-            pid = fork()
-            if pid == 0:
-                code = 1  # what an exception leaves: not "the worker closed its end"
-                try:
-                    code = _clean(lambda: _serve(setup._replace(reports=reports)))
-                finally:
-                    os._exit(code)
-            paused = started - died if old else 0.0
-            with contextlib.suppress(OSError):
-                reports.send(pickle.dumps(("started", pid, old, status, paused), _PICKLE))
-            _, code = waitpid(pid, 0)
-            if os.getppid() != worker:
-                return 0
-            if os.WIFEXITED(code) and os.WEXITSTATUS(code) == 0:
-                return 0  # the worker closed its end
-            old, status, died = pid, _status(code), time.monotonic()
-            if died - started < RESPAWN_PAUSE:  # one that dies at once does not loop fast
-                sleep(RESPAWN_PAUSE)
-
-    os._exit(_clean(lambda: keep(_rewrap(setup.reports))))
-
-
-def _serve(setup: _Setup) -> int:
-    """The beat process's life: beat what the worker sends until the worker is gone.
-    Returns its exit status."""
-    slots, options = setup.slots, setup.options
+def _serve(config: _Config, link_fd: int, reports_sock: Any) -> int:
+    """The beat process's life: beat what the keeper hands on, and tick to it, until
+    the keeper is gone. Returns its exit status."""
     keeper = os.getppid()
-    _die_with_parent()
+    _system.die_with_parent()
     if os.getppid() != keeper:
         return 0
-    commands, reports = _rewrap(setup.commands), _rewrap(setup.reports)
+    link = socket.socket(fileno=link_fd)  # in this thread: a green one waits on its hub
+    reports = socket.socket(fileno=reports_sock.detach())
     logger.handlers[:] = [_ForwardLogs(reports)]
     logger.propagate = False
-    if setup.level:
-        logger.setLevel(setup.level)
+    if config.level:
+        logger.setLevel(config.level)
+    try:
+        return _beat(config, link, reports, keeper)
+    except Exception:
+        logger.exception("celery-sqs-heartbeat: unexpected error in the beat process")
+        return 1
+
+
+def _beat(config: _Config, link: socket.socket, reports: socket.socket, keeper: int) -> int:
+    slots, options = config.slots, config.options
     counters = Counters(*slots.counter_blocks(None, beat=True))
     slots.forget_in_flight()
-    clients = setup.make_clients()
+    clients = config.make_clients()
     try:
         clients.warm_up()
     except Exception:  # STS or the instance's metadata, briefly out of reach
@@ -588,35 +655,50 @@ def _serve(setup: _Setup) -> int:
         )
     sidecar = Sidecar(
         Sender(clients.for_queue),
-        _Forwarder(counters, reports),
+        _Forwarder(counters, reports, link),
         call_timeout=clients.timeout,
         fence=slots,
     )
     sidecar.run_in_background()
-    commands.settimeout(LINK_POLL)
+    link.settimeout(LINK_POLL)
+    ticked = 0.0
     while True:
         try:
-            packet = commands.recv(MAX_PACKET)
+            packet: bytes | None = link.recv(MAX_PACKET)
         except TimeoutError:
-            if os.getppid() != keeper:
-                break
-            continue
+            packet = None
         except OSError:
             break
-        if not packet:
-            break  # the worker closed its end, or died
-        command = pickle.loads(packet)
-        kind = command[0]
-        if kind in ("add", "again"):  # "again": held by one that died, which counted it
-            rh, queue_url, given, received, task_name, task_id = command[1:]
-            hb = Heartbeat(rh, queue_url, given or options[task_name], received, task_name, task_id)
-            sidecar.add(hb, counted=kind == "add")
-        elif kind == "settled":
-            sidecar.stop(command[1], Ended.SETTLED)
-        elif kind == "ask":
-            _answer(sidecar, reports, command[1], command[2], command[3:])
+        if packet == b"":
+            break  # the keeper closed its end (the worker's shutdown), or died
+        if packet:
+            _obey(sidecar, reports, options, pickle.loads(packet))
+        now = time.monotonic()
+        if now - ticked >= LINK_POLL:
+            if os.getppid() != keeper:
+                break
+            if sidecar.healthy(now):  # a loop that stopped turning earns no tick
+                ticked = now
+                _forward(link, ("tick",))
     sidecar.shutdown(EXIT_WAIT)
     return 0
+
+
+def _obey(
+    sidecar: Sidecar,
+    reports: socket.socket,
+    options: dict[str, HeartbeatOptions],
+    command: tuple[Any, ...],
+) -> None:
+    kind = command[0]
+    if kind == "add":  # counted by the worker as it received the message
+        rh, queue_url, given, received, task_name, task_id = command[1:]
+        hb = Heartbeat(rh, queue_url, given or options[task_name], received, task_name, task_id)
+        sidecar.add(hb, counted=False)
+    elif kind == "settled":
+        sidecar.stop(command[1], Ended.SETTLED)
+    elif kind == "ask":
+        _answer(sidecar, reports, command[1], command[2], command[3:])
 
 
 def _answer(
@@ -624,80 +706,8 @@ def _answer(
 ) -> None:
     """Run one of the worker's questions at its shutdown, and send the answer (waited
     for: the worker's main thread is waiting for it)."""
-    answer: Any = None
+    answer = _run(sidecar, question, args)
     if question == "hand_back":
-        answer = [(hb, _portable_answer(a)) for hb, a in sidecar.hand_back(args[0])]
-    elif question == "stop_all":
-        answer = sidecar.stop_all(args[0], keep=args[1])
+        answer = [(hb, _portable_answer(a)) for hb, a in answer]
     with contextlib.suppress(OSError):
         reports.send(pickle.dumps(("answer", ident, answer), _PICKLE))
-
-
-def _die_with_parent() -> None:
-    """On Linux, have the kernel SIGKILL this process the moment its parent dies."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # elsewhere: the end-of-file and the parent check
-
-
-def _original(module: str, name: str) -> Any:
-    """The system's own *module.name*, not gevent's (which waits on the worker's hub) or
-    eventlet's (which polls)."""
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None and monkey.is_module_patched(module):
-        return monkey.get_original(module, name)
-    patcher = sys.modules.get("eventlet.patcher")
-    if patcher is not None and patcher.is_monkey_patched(module):
-        return getattr(patcher.original(module), name)
-    return getattr(sys.modules.get(module) or __import__(module), name)
-
-
-def _gevent() -> bool:
-    monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and bool(monkey.is_module_patched("socket"))
-
-
-def _clean(run: Callable[[], int]) -> int:
-    """Run *run* where no greenlet of the worker can run on, and return its status.
-
-    A fork keeps the worker's hub and every greenlet waiting on it. Under eventlet a new
-    hub for this thread leaves them behind. Under gevent *run* goes to a real thread,
-    whose hub is its own, and this thread (with the worker's hub) waits for it with a
-    lock of the system's own: the worker's greenlets never run here.
-    """
-    _new_green_hub()
-    if not _gevent():
-        return run()
-    start = _original("_thread", "start_new_thread")
-    done = _original("_thread", "allocate_lock")()
-    done.acquire()
-    status = [1]  # an exception in *run* is no clean exit
-
-    def main() -> None:
-        try:
-            status[0] = run()
-        finally:
-            done.release()
-
-    start(main, ())
-    done.acquire()
-    return status[0]
-
-
-def _rewrap(sock: socket.socket) -> socket.socket:
-    """*sock* anew, in the calling thread: a gevent socket waits on the hub it was made
-    on. (Elsewhere the same socket would do; a new object is as good.)"""
-    return socket.socket(fileno=sock.detach()) if _gevent() else sock
-
-
-def _new_green_hub() -> None:
-    """Under eventlet the fork shares the worker's hub (its epoll set): make our own.
-    (gevent's fork makes a new hub itself.)"""
-    if "eventlet" not in sys.modules:
-        return
-    from eventlet import hubs, patcher  # type: ignore[import-untyped]
-
-    if patcher.is_monkey_patched("socket"):
-        hubs.use_hub()

@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import celery
+
 from ._client import BrokerInfo, Clients, call_timeout
 from ._errors import Failure, classify_exception, queue_arn
 from ._heartbeat import START_ALLOWANCE, grid
@@ -27,6 +29,9 @@ from ._settings import (
 PROBE_RECEIPT_HANDLE = "celery-sqs-heartbeat-permission-probe"
 #: The visibility the probe asks for; not 0, though no message can match the handle.
 PROBE_VISIBILITY = 30
+#: The first Celery series with the soft shutdown (``worker_soft_shutdown_timeout``),
+#: whose cold shutdown hands the running tasks' messages back rather than deleting them.
+SOFT_SHUTDOWN_SERIES = (5, 5)
 
 
 @dataclass
@@ -210,3 +215,29 @@ def _check_worker_settings(app: Any, enabled: list[HeartbeatOptions], report: Re
             "task_reject_on_worker_lost=True: a task whose pool process dies is requeued "
             "at once and may run again"
         )
+    report.notes += shutdown_notes(conf, celery.VERSION[:2])
+
+
+def shutdown_notes(conf: Any, series: tuple[int, int]) -> list[str]:
+    """What a shutdown recipe does on this Celery *series* that loses a task.
+
+    Before 5.5 Celery has no soft shutdown, and its cold shutdown kills the prefork
+    pool's children: each running ``acks_late`` task ends in ``WorkerLostError``, whose
+    message Celery acknowledges (deletes) unless ``task_reject_on_worker_lost`` is set.
+    """
+    if series >= SOFT_SHUTDOWN_SERIES:
+        return []
+    notes = []
+    if conf.get("worker_soft_shutdown_timeout"):
+        notes.append(
+            f"worker_soft_shutdown_timeout has no effect on Celery {series[0]}.{series[1]} "
+            "(it came in 5.5): a cold shutdown stops the running tasks at once"
+        )
+    if not conf.task_reject_on_worker_lost:
+        notes.append(
+            f"Celery {series[0]}.{series[1]} with task_reject_on_worker_lost=False: a cold "
+            "shutdown (SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT) deletes the message "
+            "of each running task, which is lost. Stop workers warm (plain SIGTERM, a grace "
+            "period that covers the longest task), or set task_reject_on_worker_lost=True"
+        )
+    return notes

@@ -64,7 +64,9 @@ class Counters:
 
     ``started`` and ``stopped`` are counted by the sidecar, under its own lock, as it adds
     heartbeats to its registry and drops them (once per message: no second lock on the
-    per-task path); the others by :class:`Reporter`, under the lock here.
+    per-task path); the others by :class:`Reporter`, under the lock here. A worker with a
+    beat process counts ``started`` itself, under the lock here, as it receives each
+    message: whichever process beats it then, the count is one.
     """
 
     def __init__(self, own: Any = None, others: Sequence[Any] = ()) -> None:

@@ -45,7 +45,7 @@ from typing import NamedTuple, Protocol
 from ._heartbeat import RIDE_FRACTION, STOP_WAIT, Ended, Heartbeat, Settled, allowed
 from ._report import STARTED, STOPPED, Reporter, Stats
 from ._send import MAX_BATCH, Answer, Sender
-from ._slots import SlotView, key_of
+from ._slots import SlotsBroken, SlotView, key_of
 
 __all__ = ["STOP_WAIT", "Fence", "Sidecar"]
 
@@ -63,6 +63,9 @@ LOOP_ERROR_PAUSE = 1.0
 #: A manual extension waits at most this much longer than the client's time-out for a
 #: regular beat in flight, so the two never race.
 EXTEND_WAIT_MARGIN = 1.0
+#: A loop whose last turn is older than its longest sleep by more than this is stuck:
+#: one turn of 5,000 heartbeats takes about 0.01 s.
+TURN_SLACK = 1.0
 
 
 class Fence(Protocol):
@@ -132,19 +135,22 @@ class Sidecar:
         #: often, so a new message (whose first beat is an interval away) never has to
         #: wake it; a wake-up would cost Celery's thread a GIL hand-off.
         self._shortest = math.inf
+        #: When the loop last began a turn (:meth:`healthy`).
+        self._turned = clock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        #: An unexpected error has been said (``_deliver``).
-        self._failed = False
+        #: An unexpected error has been said (``_deliver``); a broken slot has been said.
+        self._failed = self._broken = False
         self._executor = executor or ThreadPoolExecutor(
             MAX_CALLS, thread_name_prefix=f"{THREAD_NAME}-send"
         )
 
     # -- Celery's side: a dict under the lock, no I/O ------------------------------------
 
-    def add(self, hb: Heartbeat, *, counted: bool = True) -> bool:
+    def add(self, hb: Heartbeat, *, counted: bool = True, told: bool = False) -> bool:
         """Begin beating *hb*'s message; False if it already has a heartbeat. Not
-        *counted*: a beat process that died counted it already."""
+        *counted*: the worker counted it as it received it (a worker with a beat
+        process). *told*: its start was reported already."""
         with self._lock:
             if hb.receipt_handle in self._beats:
                 return False
@@ -153,7 +159,8 @@ class Sidecar:
             if hb.options.interval < self._shortest:
                 self._shortest = hb.options.interval
                 self._wake.set()
-        self._report.started(hb)
+        if not told:
+            self._report.started(hb)
         return True
 
     def get(self, receipt_handle: str) -> Heartbeat | None:
@@ -314,6 +321,11 @@ class Sidecar:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def healthy(self, now: float) -> bool:
+        """Whether the loop still turns: it wakes at least once per shortest interval,
+        so a last turn older than that (and a little) means it is stuck."""
+        return self.running and now - self._turned <= self._shortest + TURN_SLACK
+
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop the threads; heartbeats still registered simply stop beating."""
         self._stopping.set()
@@ -339,7 +351,7 @@ class Sidecar:
         Returns when the next beat is due (infinity: none); with *wait*, sleeps until
         then, or until the loop is woken.
         """
-        now = self._clock()  # before the copy: a message added after it is due later
+        now = self._turned = self._clock()  # before the copy: one added after is due later
         with self._lock:
             self._wake_at = math.inf
             beats = list(self._beats.values())
@@ -458,7 +470,18 @@ class Sidecar:
         if self._fence is None:
             return
         for beat in entries:
-            view = self._fence.begin(key_of(beat.hb.receipt_handle), beat.hb.slot)
+            try:
+                view = self._fence.begin(key_of(beat.hb.receipt_handle), beat.hb.slot)
+            except SlotsBroken as exc:  # beaten unfenced, until Celery settles it
+                if not self._broken:
+                    self._broken = True
+                    logger.error(
+                        "celery-sqs-heartbeat: %s; the messages of that slot's tasks are "
+                        "beaten until Celery settles them (a beat may land just after the "
+                        "delete). Restart the worker to map new slots (said once).",
+                        exc,
+                    )
+                continue
             if view is not None:
                 views[beat.hb] = view
 

@@ -22,12 +22,18 @@ and the next process to take the lock simply goes on. The rules between the side
 * A slot whose process is gone ends its heartbeat at once, so no beat follows the
   process's death; Celery then settles the message itself. The process billiard starts
   in its place ends, as it attaches, whatever the dead one left running or held.
+* A process is known by its PID *and* its identity, written as it attaches: its start
+  time where /proc can be read. A new child that reuses a dead one's PID is another
+  process to the main process, never the dead one still (see :meth:`Slots._alive`).
 * A task's manual extension (sent by the child itself) marks the slot ``extending``, so
   the main process holds its regular beats, then says what it asked and when.
 
 Robust mutexes are POSIX (Linux, with glibc or musl, and FreeBSD). Where there are none
 (macOS), :func:`available` is False and the worker maps no slots: its main process then
-beats each message until Celery settles it, without a fence.
+beats each message until Celery settles it, without a fence. Where the libc has them but
+cannot make one (musl's ``pthread_mutexattr_setrobust``, qemu-user), :class:`Slots` raises
+``OSError`` naming the call, and the worker maps none either. Where liveness is read less
+exactly (no pidfd, no /proc), :func:`platform_report` says how, once.
 """
 
 from __future__ import annotations
@@ -35,15 +41,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import itertools
 import mmap
 import os
 import select
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._heartbeat import STOP_WAIT
 from ._report import BLOCK_SIZE, shared_block
@@ -59,6 +67,12 @@ _ROBUST = 1
 
 _EMPTY, _RUNNING, _ENDED = 0, 1, 2
 _KEY_MASK = 2**64 - 1
+#: The states of /proc/<pid>/stat of a process that has exited: a zombie not yet reaped,
+#: and dead ('x' in Linux 2.6.33 to 3.13, 'X' since).
+_EXITED = frozenset("ZXx")
+#: The field of /proc/<pid>/stat after the command's ")" that holds the state (field 3),
+#: and the one that holds the start time (field 22, clock ticks since boot).
+_STATE, _STARTTIME = 0, 19
 
 #: Tests set this to pause a child inside its slot's write, with the lock held (the worst
 #: instant for a SIGKILL); None in use.
@@ -76,6 +90,9 @@ class _Slot(ctypes.Structure):
         ("extending", ctypes.c_uint64),
         #: The pool process that uses the slot, written when it starts.
         ("pid", ctypes.c_int64),
+        #: Which process of that PID (:func:`_identity`), written with it: a later process
+        #: that reuses the PID cannot have the same.
+        ("identity", ctypes.c_uint64),
         ("started", ctypes.c_double),
         #: A pace set by the task of message ``pace_key``.
         ("pace_key", ctypes.c_uint64),
@@ -118,6 +135,128 @@ def key_of(receipt_handle: str) -> int:
     share its hash secret (were they not, they would not share the slots either).
     """
     return hash(receipt_handle) & _KEY_MASK or 1
+
+
+class SlotsBroken(OSError):
+    """A slot's mutex can no longer be taken: ``pthread_mutex_lock`` returned an error
+    other than ``EOWNERDEAD`` (``ENOTRECOVERABLE``: a holder that died was followed by one
+    that could not make the mutex consistent), or ``pthread_mutex_consistent`` failed.
+
+    Raised rather than carrying on: without the lock the ordering the slots promise (no
+    beat after ``task_postrun``) silently goes, and initialising the mutex again is no
+    way out, as another process may hold it or be about to take it. The slot stays
+    broken for every process that maps it; its ``errno`` is the libc's.
+    """
+
+
+class _Stat(NamedTuple):
+    """What /proc/<pid>/stat says of a process."""
+
+    state: str
+    #: Clock ticks since boot: with the PID, no two processes share it.
+    start: int
+
+
+def _stat(pid: int | str) -> _Stat | None:
+    """/proc/<pid>/stat of process *pid* ("self": this one), or None if it has none."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        text = os.read(fd, 4096)  # one read: the kernel writes the line whole
+    except OSError:  # ESRCH: it exited in between
+        return None
+    finally:
+        os.close(fd)
+    # The command, in parentheses, may hold spaces and ")": the fields follow the last.
+    fields = text[text.rfind(b")") + 2 :].split()
+    try:
+        return _Stat(fields[_STATE].decode(), int(fields[_STARTTIME]))
+    except (IndexError, ValueError, UnicodeDecodeError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Platform:
+    """How this machine lets the main process see that a pool process is alive."""
+
+    #: ``os.pidfd_open`` works (Linux 5.3 and later, unless a seccomp profile refuses it).
+    pidfd: bool
+    #: /proc/self/stat is this process's: a process's start time can be read.
+    proc: bool
+
+
+@functools.cache
+def _platform() -> _Platform:
+    """Probed once: a fact of the machine, the same in every process forked from this."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+        pidfd = True
+    except (AttributeError, OSError):
+        pidfd = False
+    own = _stat("self")
+    # /proc mounted for another PID namespace shows someone else under our PID (or no
+    # /proc/self at all): its start times would not be our children's.
+    theirs = _stat(os.getpid())
+    proc = own is not None and theirs is not None and own.start == theirs.start
+    return _Platform(pidfd=pidfd, proc=proc)
+
+
+def platform_report() -> list[str]:
+    """How this machine tells a pool process's liveness less exactly than it could, one
+    line each, for the worker to say once at its start; empty when nothing is amiss."""
+    platform = _platform()
+    lines = []
+    if not platform.pidfd:
+        lines.append(
+            "no pidfd (a kernel before 5.3, or a seccomp profile that refuses pidfd_open): "
+            "a pool process's liveness is read at each beat"
+            + (" from /proc" if platform.proc else "")
+        )
+    if not platform.proc:
+        lines.append(
+            "/proc unreadable (or another PID namespace's): "
+            + (
+                "a pool process's pidfd is not checked against its start time, so a process "
+                "that took a dead child's PID before its first beat looks alive"
+                if platform.pidfd
+                else "liveness from kill(pid, 0), so a dead pool process not yet reaped, "
+                "or a process that took a dead one's PID, looks alive"
+            )
+        )
+    return lines
+
+
+def _identity(pid: int, proc: bool) -> int:
+    """Which process of PID *pid* it is, for as long as it lives: with /proc (*proc*),
+    its start time, which the main process checks the process at the PID against;
+    without, the time it attached (CLOCK_MONOTONIC, ns): no later process of the PID
+    attaches at the same instant, but it is only a key, with nothing to check against."""
+    if proc:
+        stat = _stat(pid)
+        return 0 if stat is None else stat.start  # 0: no such process, never alive
+    return time.monotonic_ns()
+
+
+def _is_still(pid: int, identity: int, proc: bool) -> bool:
+    """Whether process *pid* has not exited (a zombie has) and is still the one that
+    attached as *identity*; without /proc (*proc*), whether some process of ours has
+    that PID."""
+    if proc:
+        stat = _stat(pid)
+        return stat is not None and stat.state not in _EXITED and stat.start == identity
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # PermissionError: not our child
+        return False
+    return True
+
+
+def _check(result: int, call: str, error: type[OSError] = OSError) -> None:
+    """A pthread function returns its error number (0: done), which *error* carries."""
+    if result:
+        raise error(result, f"{call} failed: {os.strerror(result)}")
 
 
 def _libc() -> Any:
@@ -164,17 +303,32 @@ class Slots:
         ]
         self._libc = libc = _libc()
         self._mutexes = [ctypes.addressof(s) + _Slot.mutex.offset for s in self._table]
+        # Each call checked: a mutex made from an attribute that did not take (musl's
+        # setrobust can fail while pthread_mutex_init succeeds) is one that a killed
+        # child leaves locked for good.
         attr = ctypes.create_string_buffer(MUTEX_SIZE)
-        libc.pthread_mutexattr_init(attr)
-        libc.pthread_mutexattr_setpshared(attr, _PROCESS_SHARED)
-        libc.pthread_mutexattr_setrobust(attr, _ROBUST)
-        for address in self._mutexes:
-            if libc.pthread_mutex_init(ctypes.c_void_p(address), attr):
-                raise OSError("pthread_mutex_init failed")
-        libc.pthread_mutexattr_destroy(attr)
+        _check(libc.pthread_mutexattr_init(attr), "pthread_mutexattr_init")
+        try:
+            _check(
+                libc.pthread_mutexattr_setpshared(attr, _PROCESS_SHARED),
+                "pthread_mutexattr_setpshared",
+            )
+            _check(libc.pthread_mutexattr_setrobust(attr, _ROBUST), "pthread_mutexattr_setrobust")
+            for address in self._mutexes:
+                result = libc.pthread_mutex_init(ctypes.c_void_p(address), attr)
+                _check(result, "pthread_mutex_init")
+        finally:
+            libc.pthread_mutexattr_destroy(attr)
         self._lock_fn, self._unlock_fn = libc.pthread_mutex_lock, libc.pthread_mutex_unlock
-        #: The main process's pidfd of each child it has seen in a slot.
-        self._pidfds: dict[int, int] = {}
+        #: The main process's pidfd of each child it has seen in a slot, by (pid, identity).
+        self._pidfds: dict[tuple[int, int], int] = {}
+        #: Guards ``_pidfds`` between the sidecar's sender threads (see :meth:`_alive`).
+        #: Only the beating process takes it: a pool child forked while it was held
+        #: never does.
+        self._pidfds_lock = threading.Lock()
+        #: Whether /proc tells processes apart: probed here, before the fork, so that
+        #: the children inherit the answer.
+        self._proc = _platform().proc
 
     def counter_blocks(self, slot: int | None, *, beat: bool = False) -> tuple[Any, list[Any]]:
         """The block of counters that the main process (*slot* None), the task in *slot*
@@ -183,13 +337,27 @@ class Slots:
         return self._blocks[own], [b for i, b in enumerate(self._blocks) if i != own]
 
     def _lock(self, index: int) -> None:
-        address = self._mutexes[index]
-        if self._lock_fn(address) == errno.EOWNERDEAD:
-            # Its holder died in the middle of a write: what it left is the slot's state
-            # now, and the next write (or the dead process's check) sets it right.
-            self._libc.pthread_mutex_consistent(address)
+        result = self._lock_fn(self._mutexes[index])
+        if result:  # the per-task path: one test when all is well
+            self._recover(index, result)
+
+    def _recover(self, index: int, result: int) -> None:
+        """The lock of slot *index* returned *result*: taken from a holder that died, or
+        :class:`SlotsBroken`."""
+        if result != errno.EOWNERDEAD:
+            _check(result, f"pthread_mutex_lock of slot {index}", SlotsBroken)
+        # Its holder died in the middle of a write: what it left is the slot's state
+        # now, and the next write (or the dead process's check) sets it right.
+        result = self._libc.pthread_mutex_consistent(self._mutexes[index])
+        if result:
+            # Unlocked inconsistent, the mutex is not recoverable: every later lock fails
+            # at once (SlotsBroken), where one kept locked would make them all wait.
+            self._unlock(index)
+            _check(result, f"pthread_mutex_consistent of slot {index}", SlotsBroken)
 
     def _unlock(self, index: int) -> None:
+        # Not checked: it fails only for a mutex this thread does not hold (EPERM), and
+        # every caller holds it.
         self._unlock_fn(self._mutexes[index])
 
     @contextlib.contextmanager
@@ -203,13 +371,15 @@ class Slots:
     # -- a pool child's side -------------------------------------------------------------
 
     def attach(self, index: int, pid: int) -> None:
-        """A pool process with id *pid* starts using slot *index*: whatever the process
-        before it left there (killed in the middle of a task) has ended."""
+        """A pool process with id *pid* (the caller itself) starts using slot *index*:
+        whatever the process before it left there (killed in the middle of a task) has
+        ended. It writes its identity too, read now: once per process, not per task."""
+        identity = _identity(pid, self._proc)
         with self._locked(index) as slot:
             if slot.state == _RUNNING:
                 slot.previous, slot.state = slot.key, _ENDED
             slot.extending = 0
-            slot.pid = pid
+            slot.pid, slot.identity = pid, identity
 
     def started(self, index: int, key: int) -> None:
         """``task_prerun`` of message *key*'s task in the child using slot *index*."""
@@ -294,13 +464,19 @@ class Slots:
             extending = slot.extending == key
             if not extending:
                 slot.in_flight += 1
-            pid, started = int(slot.pid), float(slot.started)
+            pid, identity, started = int(slot.pid), int(slot.identity), float(slot.started)
             paced, extended = slot.pace_key == key, slot.extended_key == key
             interval, visibility = float(slot.interval), int(slot.visibility_timeout)
             at, seconds = float(slot.extended_at), int(slot.extended_for)
-        if not self._alive(pid):
-            if not extending:
+        alive = False
+        try:
+            alive = self._alive(pid, identity)
+        finally:
+            # Dead, or the check raised: no beat goes, so none is left in flight (a
+            # task_postrun would wait for it).
+            if not alive and not extending:
                 self.finish(index)
+        if not alive:
             return SlotView(index, running=True, alive=False)
         return SlotView(
             index,
@@ -324,31 +500,66 @@ class Slots:
         with self._locked(index) as slot:
             slot.in_flight = max(0, slot.in_flight - 1)
 
-    def _alive(self, pid: int) -> bool:
-        """Whether pool process *pid* still runs; a dead child that Celery has not yet
-        reaped counts as gone (its pidfd is readable from the moment it exits)."""
-        fd = self._pidfds.get(pid)
-        if fd is None:
-            if len(self._pidfds) > 2 * self.capacity:  # forget processes long replaced
-                current = {int(s.pid) for s in self._table}
-                for old in [p for p in self._pidfds if p not in current]:
-                    os.close(self._pidfds.pop(old))
-            try:
-                fd = self._pidfds[pid] = os.pidfd_open(pid)
-            except ProcessLookupError:
-                return False
-            except (AttributeError, OSError):  # no pidfd here: the best we can do
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    return False
-                return True
+    def _alive(self, pid: int, identity: int) -> bool:
+        """Whether pool process *pid*, which attached as *identity*, still runs; a dead
+        child that Celery has not yet reaped counts as gone (its pidfd is readable from
+        the moment it exits).
+
+        Its pidfd is kept by (pid, identity): a new child that reuses the PID is not
+        watched through the dead one's. A pidfd opened after the child attached refers
+        to it if /proc still shows its start time after the open; that read is made
+        only then, not at each beat. Without pidfds, /proc is read at each beat.
+
+        The sidecar's sender threads may call this at once. The lock is held across
+        ``poll(0)``, which does not block: a pidfd is closed only once out of the dict,
+        so no thread polls a number closed (and perhaps reused) by another.
+        """
+        child = (pid, identity)
         poll = _poll()  # not select(): a pidfd may be 1024 or more
-        poll.register(fd, select.POLLIN)
-        if poll.poll(0):
-            os.close(self._pidfds.pop(pid))
+        with self._pidfds_lock:
+            fd = self._pidfds.get(child)
+            gone = fd is not None and self._gone(child, fd, poll)
+        if fd is not None:
+            if gone:
+                os.close(fd)
+            return not gone
+        try:
+            opened = os.pidfd_open(pid)
+        except ProcessLookupError:
             return False
+        except (AttributeError, OSError):  # no pidfd here (ENOSYS; a seccomp's EPERM)
+            return _is_still(pid, identity, self._proc)
+        if not _is_still(pid, identity, self._proc):  # a zombie; the PID another's already
+            os.close(opened)
+            return False
+        with self._pidfds_lock:
+            fd = self._pidfds.setdefault(child, opened)  # another thread's may be there
+            gone = self._gone(child, fd, poll)
+            stale = self._stale() if len(self._pidfds) > 2 * self.capacity else []
+        closing = set(stale)  # out of the dict now: no other thread polls them
+        if fd != opened:
+            closing.add(opened)
+        if gone:
+            closing.add(fd)
+        for old in closing:
+            os.close(old)
+        return not gone
+
+    def _gone(self, child: tuple[int, int], fd: int, poll: Any) -> bool:
+        """Whether *child*'s pidfd *fd* says it exited; if so it leaves ``_pidfds`` (the
+        caller closes it). With ``_pidfds_lock`` held."""
+        poll.register(fd, select.POLLIN)
+        if not poll.poll(0):
+            return False
+        del self._pidfds[child]
         return True
+
+    def _stale(self) -> list[int]:
+        """The pidfds of processes no slot names any more (long replaced), out of
+        ``_pidfds`` for the caller to close. With ``_pidfds_lock`` held."""
+        current = {(int(s.pid), int(s.identity)) for s in self._table}
+        stale = [child for child in self._pidfds if child not in current]
+        return [self._pidfds.pop(child) for child in stale]
 
 
 def _poll() -> Any:

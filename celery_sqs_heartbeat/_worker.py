@@ -29,6 +29,7 @@ handler raises); an error in a handler is logged once and never reaches the task
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -55,7 +56,8 @@ from ._settings import (
     startup_warnings,
 )
 from ._sidecar import Sidecar
-from ._slots import Slots, available, key_of
+from ._slots import Slots, available, key_of, platform_report
+from ._system import can_die_with_parent
 
 logger = logging.getLogger("celery_sqs_heartbeat")
 
@@ -67,11 +69,8 @@ SHUTDOWN_JOIN_TIMEOUT = 2.0
 #: (32 KB): the beat process knows their messages' tasks ended after their slot moved on,
 #: until the worker tells it that Celery settled them (within a fifth of a second).
 ENDED_RING = 4096
-#: Messages handed back per question to the beat process: its answer (about 700 bytes
-#: a message) must fit one packet of the socket's buffer (about 200 KB).
-HAND_BACK_CHUNK = 100
-#: How long the shutdown's drain waits for the beat process to hand messages back, or to
-#: end their heartbeats: a few client time-outs.
+#: How long the shutdown's drain waits in all for the beat process to hand messages back,
+#: and again to end their heartbeats: a few client time-outs.
 ASK_TIMEOUT = 15.0
 #: The key under which the main process gives a prefork child a message's receipt time,
 #: in the copy of the message's properties that Celery's request carries to the child
@@ -178,6 +177,46 @@ def _receipt_handle(request: Any) -> str | None:
         return request.properties["delivery_tag"]  # type: ignore[no-any-return]
     except (TypeError, KeyError):
         return None
+
+
+def _margin(options: dict[str, HeartbeatOptions]) -> float:
+    """The shortest margin of the tasks' options: how long a heartbeat can go without
+    a beat before its message is delivered again (window - interval)."""
+    margins = [o.visibility_timeout - o.interval for o in options.values() if o.enabled]
+    return min(margins, default=math.inf)
+
+
+def _say_platform(*, helpers: bool) -> None:
+    """Say once, at start, each way this machine watches processes less exactly than it
+    could (no pidfd, no /proc; with *helpers*, no ``PR_SET_PDEATHSIG``)."""
+    lines = platform_report()
+    if helpers and not can_die_with_parent():
+        lines.append(
+            "no PR_SET_PDEATHSIG (not Linux): the keeper and the beat process notice the "
+            "worker's death at their next look (within 0.2 s), not at once"
+        )
+    for line in lines:
+        _note_once(
+            line,
+            logging.WARNING,
+            "celery-sqs-heartbeat: this machine watches processes less exactly: %s.",
+            line,
+        )
+
+
+def _say_shared(why: str, *, green: bool, margin: float) -> None:
+    """Say, once, that the beats share the tasks' process, and what that costs."""
+    logger.warning(
+        "celery-sqs-heartbeat: the beats come from a %s of the worker's own process "
+        "(%s): a task that %s for %g s or more starves them, and its message is "
+        "delivered again.",
+        "greenlet" if green else "thread",
+        why,
+        "never yields (computes without I/O or a sleep)"
+        if green
+        else "holds the GIL (one long C call)",
+        margin,
+    )
 
 
 # -- the roles ------------------------------------------------------------------------------
@@ -299,22 +338,11 @@ class Main(Role):
                 "beats each message until Celery settles it (a beat may land just after the "
                 "delete)."
             )
+        if self.slots is not None:
+            _say_platform(helpers=False)
         if self.shared:
-            margin = min(
-                o.visibility_timeout - o.interval for o in self.options.values() if o.enabled
-            )
             green = getattr(getattr(consumer, "pool", None), "is_green", False)
-            logger.warning(
-                "celery-sqs-heartbeat: the beats come from a %s of the worker's own process "
-                "(%s): a task that %s for %g s or more starves them, and its message is "
-                "delivered again.",
-                "greenlet" if green else "thread",
-                self.shared,
-                "never yields (computes without I/O or a sleep)"
-                if green
-                else "holds the GIL (one long C call)",
-                margin,
-            )
+            _say_shared(self.shared, green=green, margin=_margin(self.options))
         self.start(consumer)
 
     def start(self, consumer: Any = None) -> Sidecar:
@@ -488,7 +516,12 @@ class Delegating(_Writer):
         #: kombu's botocore data loader, which the beat process's client shares.
         self.loader: Any = None
         self.beats = BeatProcess(
-            slots, self.reporter, lambda: _clients(app, options, self.loader, warm=False), options
+            slots,
+            self.reporter,
+            lambda: _clients(app, options, self.loader, warm=False),
+            options,
+            margin=_margin(options),
+            fallback=self._beat_here,
         )
         for index in range(slots.capacity):
             slots.attach(index, os.getpid())
@@ -545,30 +578,34 @@ class Delegating(_Writer):
         # models and the beat process's client shares them (about 20 MB less in all
         # than a fork at worker_init), and the pool has started no thread yet. A
         # message received before is sent to it then.
+        _say_platform(helpers=True)
         self.loader = kombu_loader(consumer)
         self.beats.green = getattr(getattr(consumer, "pool", None), "is_green", False)
         try:
             self.beats.spawn(level=logger.getEffectiveLevel())
         except OSError as exc:
-            self.beats.close()
-            logger.error(
-                "celery-sqs-heartbeat: no beat process could be started (%s); the worker's "
-                "messages are not beaten.",
-                exc,
-            )
-            return
+            self.beats.fall_back(f"no beat process could be started: {exc}")
         self.beats.start()  # its link thread says which process beats, once it does
+
+    def _beat_here(self, why: str) -> Sidecar:
+        """The fallback, where no beat process can be made or kept: a sidecar of this
+        process's own, fenced by the slots its tasks write, as the beat process was."""
+        clients = _clients(self.app, self.options, self.loader)
+        sidecar = Sidecar(
+            Sender(clients.for_queue),
+            self.reporter,
+            call_timeout=clients.timeout,
+            fence=self.slots,
+        )
+        sidecar.run_in_background()
+        _say_shared(why, green=self.beats.green, margin=_margin(self.options))
+        return sidecar
 
     def holds(self, receipt_handle: str) -> bool:
         return self.beats.holds(receipt_handle)
 
     def hand_back(self, receipt_handles: Collection[str]) -> list[tuple[Heartbeat, Answer]]:
-        handles = list(receipt_handles)
-        answers: list[tuple[Heartbeat, Answer]] = []
-        for i in range(0, len(handles), HAND_BACK_CHUNK):  # each question and answer a packet
-            chunk = handles[i : i + HAND_BACK_CHUNK]
-            answers += self.beats.ask(("hand_back", chunk), ASK_TIMEOUT) or ()
-        return answers
+        return self.beats.hand_back(receipt_handles, ASK_TIMEOUT)
 
     def stop_all(self, reason: Ended, keep: Collection[str]) -> int:
         return int(self.beats.ask(("stop_all", reason, set(keep)), ASK_TIMEOUT) or 0)

@@ -151,3 +151,30 @@ def test_the_check_and_the_cli_leave_the_signal_handlers_alone() -> None:
         "assert 'celery_sqs_heartbeat._worker' not in sys.modules, sorted(sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("series", "settings", "said"),
+    [
+        ((5, 4), {}, ["deletes the message of each running task"]),
+        ((5, 4), {"worker_soft_shutdown_timeout": 60}, ["no effect on Celery 5.4", "deletes"]),
+        ((5, 4), {"task_reject_on_worker_lost": True}, []),
+        ((5, 5), {"worker_soft_shutdown_timeout": 60}, []),
+        ((5, 7), {}, []),
+    ],
+)
+def test_a_shutdown_recipe_that_would_lose_the_task_is_said(
+    series: tuple[int, int], settings: dict[str, Any], said: list[str]
+) -> None:
+    """Celery 5.4 has no soft shutdown, and its cold shutdown deletes the running tasks'
+    messages unless task_reject_on_worker_lost is set: the check says so."""
+    from celery import Celery
+
+    from celery_sqs_heartbeat._check import shutdown_notes
+
+    app = Celery(set_as_current=False)
+    app.conf.update(settings)
+    notes = shutdown_notes(app.conf, series)
+    assert len(notes) == len(said)
+    for note, words in zip(notes, said, strict=True):
+        assert words in note

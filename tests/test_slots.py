@@ -3,12 +3,14 @@ makes of it before each beat. The child's side runs in a real forked process."""
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -300,3 +302,77 @@ def test_a_handle_kept_past_its_task_writes_nothing_into_the_next_tasks_slot() -
     view = slots.begin(RH, 0)
     assert view is not None and view.running
     assert (view.pace, view.extended, view.extending) == (None, None, False)
+
+
+class FakeLibc:
+    """A libc whose pthread functions return the error number a test gives them (0:
+    done), and that records which it was asked for."""
+
+    def __init__(self, **errors: int) -> None:
+        self.errors = errors
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Callable[..., int]:
+        def call(*_: Any) -> int:
+            self.calls.append(name)
+            return self.errors.get(name, 0)
+
+        return call
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "pthread_mutexattr_init",
+        "pthread_mutexattr_setpshared",
+        "pthread_mutexattr_setrobust",  # musl's can fail while pthread_mutex_init succeeds
+        "pthread_mutex_init",
+    ],
+)
+def test_a_mutex_that_cannot_be_made_robust_maps_no_slots(
+    monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """Every call that makes the slots' mutexes is checked: an OSError naming it sends
+    the worker to its fallback (no slots, said at start), where a mutex made without it
+    would stay locked for good by a killed child."""
+    libc = FakeLibc(**{call: errno.ENOTSUP})
+    monkeypatch.setattr(_slots, "_libc", lambda: libc)
+    with pytest.raises(OSError, match=call) as raised:
+        Slots(2)
+    assert raised.value.errno == errno.ENOTSUP
+    if call != "pthread_mutexattr_init":
+        assert "pthread_mutexattr_destroy" in libc.calls
+
+
+@pytest.mark.parametrize("error", [errno.ENOTRECOVERABLE, errno.EINVAL])
+def test_a_slot_whose_mutex_cannot_be_taken_is_broken(
+    monkeypatch: pytest.MonkeyPatch, error: int
+) -> None:
+    """A mutex that is not recoverable is not taken, and nothing goes on as if it were:
+    SlotsBroken, an OSError, and no unlock of a mutex the caller does not hold."""
+    libc = FakeLibc()
+    monkeypatch.setattr(_slots, "_libc", lambda: libc)
+    slots = Slots(1)
+    libc.errors["pthread_mutex_lock"] = error
+    steps: list[Callable[[], object]] = [lambda: slots.started(0, RH), lambda: slots.begin(RH, 0)]
+    for step in steps:
+        with pytest.raises(_slots.SlotsBroken, match="pthread_mutex_lock") as raised:
+            step()
+        assert isinstance(raised.value, OSError) and raised.value.errno == error
+    assert "pthread_mutex_unlock" not in libc.calls
+
+
+def test_a_mutex_that_cannot_be_made_consistent_is_broken_for_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its holder died, and pthread_mutex_consistent fails: the mutex is unlocked
+    inconsistent (so every later lock fails at once, none waits for ever) and the
+    caller gets SlotsBroken."""
+    libc = FakeLibc(pthread_mutex_consistent=errno.EINVAL)
+    monkeypatch.setattr(_slots, "_libc", lambda: libc)
+    slots = Slots(1)
+    libc.errors["pthread_mutex_lock"] = errno.EOWNERDEAD
+    with pytest.raises(_slots.SlotsBroken, match="pthread_mutex_consistent") as raised:
+        slots.started(0, RH)
+    assert raised.value.errno == errno.EINVAL
+    assert libc.calls[-2:] == ["pthread_mutex_consistent", "pthread_mutex_unlock"]

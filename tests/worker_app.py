@@ -237,3 +237,17 @@ def until_file(self, path: str, max_seconds: float) -> str:
         time.sleep(0.01)
     record("end", request.id, retries=request.retries, receipt_handle=receipt_handle)
     return str(request.id)
+
+
+if os.environ.get("SQSHB_SUBREAPER"):
+    # As a worker that is PID 1 in a container: every orphan below it comes to it.
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+if os.environ.get("SQSHB_FAIL_FORK"):
+    # As a worker in a cgroup whose pids.max is reached: every fork fails.
+    import errno
+
+    def _no_fork() -> int:
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    os.fork = _no_fork

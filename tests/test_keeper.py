@@ -1,0 +1,160 @@
+"""The keeper and the worker's link, without a worker: real forks, a fake SQS client.
+
+Each test stops, starves or breaks one part and checks that it heals, or that the
+worker falls back to beating from its own process, and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from celery_sqs_heartbeat._beat import BeatProcess
+from celery_sqs_heartbeat._heartbeat import Ended, Heartbeat
+from celery_sqs_heartbeat._report import Counters, Reporter
+from celery_sqs_heartbeat._send import Sender
+from celery_sqs_heartbeat._sidecar import Sidecar
+from celery_sqs_heartbeat._slots import Slots
+from celery_sqs_heartbeat.testing import wait_for
+
+from .fake_sidecar import OPTIONS
+
+pytestmark = pytest.mark.timeout(60)
+
+#: A margin of 4 s: the hang limit is 1 s.
+MARGIN = 4.0
+
+
+def fake_clients() -> Any:
+    return SimpleNamespace(for_queue=lambda url: None, timeout=1.0, warm_up=lambda: None)
+
+
+def broken_clients() -> Any:
+    raise RuntimeError("no client here")  # each beat process dies at its start
+
+
+class Fallback:
+    """The worker's own sidecar, as the role would make it, with the reasons it was
+    made for."""
+
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+        self.why: list[str] = []
+        self.sidecar: Sidecar | None = None
+
+    def __call__(self, why: str) -> Sidecar:
+        self.why.append(why)
+        self.sidecar = Sidecar(
+            Sender(lambda url: None), Reporter(self.counters, region=lambda: None), call_timeout=1
+        )
+        return self.sidecar
+
+
+@pytest.fixture
+def make() -> Iterator[Callable[..., tuple[BeatProcess, Counters, Fallback]]]:
+    made: list[BeatProcess] = []
+
+    def make(clients: Callable[[], Any] = fake_clients) -> tuple[BeatProcess, Counters, Fallback]:
+        slots = Slots(1, ended=16)
+        slots.attach(0, os.getpid())
+        counters = Counters(*slots.counter_blocks(None))
+        fallback = Fallback(counters)
+        beats = BeatProcess(
+            slots,
+            Reporter(counters, region=lambda: None),
+            clients,
+            {},
+            margin=MARGIN,
+            fallback=fallback,
+        )
+        beats.spawn()
+        beats.start()
+        made.append(beats)
+        return beats, counters, fallback
+
+    yield make
+    for beats in made:
+        beats.close()
+
+
+def add(beats: BeatProcess, n: int, prefix: str = "rh") -> None:
+    now = time.monotonic()
+    for i in range(n):
+        hb = Heartbeat(f"{prefix}{i}", "q", OPTIONS, now, "t", str(i))  # due in 30 s
+        beats.add(hb, SimpleNamespace(acknowledged=False))
+
+
+def test_a_keeper_that_reads_nothing_never_holds_up_the_worker(
+    make: Callable[..., tuple[BeatProcess, Counters, Fallback]],
+) -> None:
+    """Stop the keeper: 5,000 messages received meanwhile (far more than the socket's
+    buffer holds) are handed on without waiting; the worker kills the silent keeper
+    within the hang limit, forks another, and hands it every message."""
+    beats, counters, _ = make()
+    wait_for(lambda: beats.pid, timeout=5, what="the beat process")
+    keeper = beats.keeper
+    os.kill(keeper, signal.SIGSTOP)
+    began = time.monotonic()
+    add(beats, 5000)
+    assert time.monotonic() - began < 1.0, "a send waited for the stopped keeper"
+
+    wait_for(lambda: beats.keeper not in (0, keeper), timeout=beats.hang + 3, what="a keeper")
+    assert beats.ask(("stop_all", Ended.HANDED_BACK, set()), 10) == 5000
+    assert counters.stats().started == 5000
+
+
+def test_a_beat_process_that_stops_is_replaced_and_handed_every_message(
+    make: Callable[..., tuple[BeatProcess, Counters, Fallback]],
+) -> None:
+    """SIGSTOP the beat process: the keeper hears no tick, kills it within the hang
+    limit, and hands the new one every message, including those sent meanwhile."""
+    beats, counters, _ = make()
+    first = wait_for(lambda: beats.pid, timeout=5, what="the beat process")
+    add(beats, 10, "before")
+    wait_for(lambda: counters.stats().started == 10, timeout=5, what="ten heartbeats")
+    os.kill(first, signal.SIGSTOP)
+    add(beats, 10, "during")
+    wait_for(lambda: beats.pid != first, timeout=beats.hang + 3, what="a new beat process")
+    assert beats.ask(("stop_all", Ended.HANDED_BACK, set()), 10) == 20
+    stats = counters.stats()
+    assert (stats.started, stats.active) == (20, 0), stats
+
+
+def test_beat_processes_that_keep_dying_end_in_the_fallback(
+    make: Callable[..., tuple[BeatProcess, Counters, Fallback]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every beat process dies at its start: after five in a row the keeper gives up,
+    and the worker beats every message it holds from its own process, saying why."""
+    beats, _, fallback = make(broken_clients)
+    add(beats, 3)
+    wait_for(lambda: fallback.why, timeout=20, what="the fallback")
+    (why,) = fallback.why
+    assert "gave up" in why and "after its start" in why, why
+    wait_for(lambda: all(beats.holds(f"rh{i}") for i in range(3)), timeout=5, what="held")
+    add(beats, 1, "later")  # a message received after the fallback is beaten here too
+    wait_for(lambda: beats.holds("later0"), timeout=5, what="the later one")
+    assert fallback.sidecar is not None and len(fallback.sidecar) == 4
+
+
+def test_the_drain_has_one_deadline(
+    make: Callable[..., tuple[BeatProcess, Counters, Fallback]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A beat process that does not answer holds the shutdown up once, not once per
+    chunk of messages, and the worker says what it did not hand back."""
+    beats, _, _ = make()
+    first = wait_for(lambda: beats.pid, timeout=5, what="the beat process")
+    add(beats, 300)
+    os.kill(first, signal.SIGSTOP)
+    began = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="celery_sqs_heartbeat"):
+        answers = beats.hand_back([f"rh{i}" for i in range(300)], timeout=1.0)
+    assert time.monotonic() - began < 2.0
+    assert answers == []
+    assert "did not hand back 300 waiting messages within 1 s" in caplog.text
