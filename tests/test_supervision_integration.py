@@ -77,9 +77,7 @@ def test_a_stopped_beat_process_is_replaced_within_the_margin(scenario: Scenario
     old = beat_pid(worker)
     os.kill(old, signal.SIGSTOP)
     stopped = time.time()
-    wait_for(
-        lambda: worker.log_lines("stopped ticking"), timeout=REPLACED_WITHIN, what="a new one"
-    )
+    wait_for(lambda: worker.log_lines("stopped ticking"), timeout=REPLACED_WITHIN, what="a new one")
     (line,) = worker.log_lines("stopped ticking")
     assert "WARNING" in line and f"(pid {old})" in line and "holds (1)" in line, line
     runs_once(scenario, task_id, receipt_handle, stopped)
