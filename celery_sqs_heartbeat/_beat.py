@@ -8,6 +8,7 @@ How the three fit, what each owns, and what heals what: ``docs/how-it-works.md``
 
 from __future__ import annotations
 
+import _socket
 import collections
 import contextlib
 import functools
@@ -52,13 +53,12 @@ EXIT_WAIT = 2.0
 LINK_THREAD = "celery-sqs-heartbeat-link"
 #: The beat process's name in the worker's log lines (``%(processName)s``).
 PROCESS_NAME = "HeartbeatProcess"
-#: Commands the link thread keeps while the keeper does not read them (a keeper that
-#: stopped is killed and replaced within the hang limit, and handed every message).
-MAX_OUTBOX = 10_000
 #: Messages handed back per question to the beat process: its answer (about 700 bytes
 #: a message) must fit one packet of the socket's buffer (about 200 KB).
 HAND_BACK_CHUNK = 100
 IGNORED_SIGNALS = _system.IGNORED_SIGNALS
+#: How long the beat process tries to send an answer the worker has not room for yet.
+ANSWER_WAIT = 5.0
 _PICKLE = pickle.HIGHEST_PROTOCOL
 
 
@@ -73,12 +73,14 @@ def _pair() -> tuple[socket.socket, socket.socket]:
 
 class _Config(NamedTuple):
     """What each beat process is forked with: the slots, how to make its SQS clients,
-    its log level, and the tasks' options resolved at the worker's start."""
+    its log level, the tasks' options resolved at the worker's start, and how long it
+    may go without a tick."""
 
     slots: Slots
     make_clients: Callable[[], Clients]
     level: int
     options: dict[str, HeartbeatOptions]
+    hang: float
 
 
 class BeatProcess:
@@ -107,10 +109,16 @@ class BeatProcess:
         self._fallback = fallback
         #: That sidecar, once made: every message is beaten there from then on.
         self.local: Sidecar | None = None
-        #: The keeper, the beat process it last forked, and the worker's ends of their
-        #: socket pairs (commands: the C library's socket, so a send never waits).
+        #: The keeper, what it shows without a packet (its tick, its beat process), and
+        #: the worker's ends of their socket pairs (commands: the C library's socket,
+        #: so a send never waits), and those of keepers gone (:meth:`_retire`).
         self.keeper = 0
-        self.pid = 0
+        self._watch = _keeper.Watch()
+        self._retired: list[Any] = []
+        #: Bumped by each keeper: an add sent to an older one is sent again.
+        self._generation = 0
+        #: Nothing beats any more (no fallback could be made): said, and nothing is kept.
+        self._dead = False
         #: A green worker cannot fork safely once its greenlets run (see _replace).
         self.green = False
         self._commands: Any = None
@@ -118,20 +126,19 @@ class BeatProcess:
         self._spawned_at = 0.0
         self._level = logging.NOTSET
         #: What any thread hands the link thread: ("add", fields, message, sent) for a
-        #: message received, ("ask", ident, command) for a question.
+        #: message received (*sent*: the keeper's generation it was sent to, or False),
+        #: ("ask", ident, command) for a question.
         self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         #: The link thread's own: every message the beat process beats, by receipt
         #: handle, with Celery's message and what the beat process was sent of it.
         self._held: dict[str, tuple[Any, tuple[Any, ...]]] = {}
-        #: The link thread's own: commands the keeper has not read yet.
-        self._outbox: collections.deque[tuple[str, str, bytes]] = collections.deque()
-        self._dropped = 0
+        #: The link thread's own: commands the keeper has not read yet, (kind, packet).
+        #: Not bounded: its adds are the held set's, and a keeper that does not read is
+        #: killed within the hang limit.
+        self._outbox: collections.deque[tuple[str, bytes]] = collections.deque()
         self._swept = 0.0
-        #: When the link thread last heard from the keeper's side, and why it killed it.
-        self._heard = 0.0
+        #: Why the link thread killed the keeper.
         self._killed = ""
-        #: When the link thread last turned: one starved for longer hears nothing.
-        self._turned = 0.0
         #: Keepers in a row that died young, and why the keeper gave up (its last word).
         self._quick = 0
         self._gave_up = ""
@@ -148,21 +155,27 @@ class BeatProcess:
         ``OSError`` where that fails)."""
         if level is not None:
             self._level = level
-        for old in (self._commands, self._reports):  # a keeper's that died
-            if old is not None:
-                old.close()
+        self._retire()
         commands, theirs_commands = _pair()
-        reports, theirs_reports = _pair()
-        config = _Config(self._slots, self._clients, self._level, self._options)
+        try:
+            reports, theirs_reports = _pair()
+        except OSError:
+            commands.close()
+            theirs_commands.close()
+            raise
+        config = _Config(self._slots, self._clients, self._level, self._options, self.hang)
         setup = _keeper.Setup(
-            theirs_commands, theirs_reports, self.hang, functools.partial(_serve, config)
+            theirs_commands,
+            theirs_reports,
+            self._watch,
+            self.hang,
+            functools.partial(_serve, config),
         )
         try:
             pid = os.fork()
         except OSError:
             for sock in (commands, theirs_commands, reports, theirs_reports):
                 sock.close()
-            self._commands = self._reports = None
             raise
         if pid == 0:  # the keeper: it never returns to Celery
             try:
@@ -174,9 +187,24 @@ class BeatProcess:
         theirs_commands.close()
         theirs_reports.close()
         reports.settimeout(LINK_POLL)
-        self._reports, self.keeper, self.pid = reports, pid, 0
+        self._reports, self.keeper = reports, pid
         self._commands = _keeper.raw(commands)
-        self._spawned_at = self._heard = time.monotonic()
+        self._generation += 1  # after the new socket: see _take_inbox
+        self._spawned_at = time.monotonic()
+
+    def _retire(self) -> None:
+        """Set aside the sockets of a keeper that is gone. They are closed only at the
+        next replacement: a thread may still be in a send on one, and a number closed
+        now could be a new socket's at once."""
+        for sock in self._retired:
+            sock.close()
+        self._retired = [s for s in (self._commands, self._reports) if s is not None]
+        self._commands = self._reports = None
+
+    @property
+    def pid(self) -> int:
+        """The beat process, as its keeper last said (0: none now)."""
+        return self._watch.beat
 
     def start(self) -> None:
         """Start the link thread that feeds the keeper and reads the reports."""
@@ -198,11 +226,14 @@ class BeatProcess:
             hb.task_name,
             hb.task_id,
         )
+        if self._dead:
+            return  # said at ERROR: nothing beats any more
         self._report.counters.add(STARTED)  # here: whichever process beats it, and when
+        generation = self._generation
         sent = self.local is None and _keeper.send(
             self._commands, pickle.dumps(("add", *fields), _PICKLE)
         )
-        self._inbox.put(("add", fields, message, sent))
+        self._inbox.put(("add", fields, message, sent and generation))
 
     def holds(self, receipt_handle: str) -> bool:
         """Whether this worker's beats cover the message (as the link thread last knew)."""
@@ -261,7 +292,9 @@ class BeatProcess:
                 os.kill(self.keeper, signal.SIGKILL)  # and so the beat process (pdeathsig)
             _system.reaped(self.keeper, EXIT_WAIT)
         _system.reap_orphan(self.pid, EXIT_WAIT)
-        self.keeper = self.pid = 0
+        self.keeper = 0
+        self._retire()
+        self._retire()  # and close them now: nothing sends any more
         local, self.local = self.local, None
         if local is not None:
             local.shutdown(EXIT_WAIT)
@@ -294,21 +327,15 @@ class BeatProcess:
             if not self._stopping.is_set():
                 self._replace()
             return
-        now = time.monotonic()
-        if now - self._turned > 2 * LINK_POLL:
-            self._heard = now  # this thread was starved: it cannot tell a silent keeper
-        self._turned = now
         if packet:
-            report = pickle.loads(packet)
-            if report[0] in ("tick", "started"):  # the beat process reports too
-                self._heard = now
-            self._on_report(report)
-        elif now - self._heard > self.hang and self.keeper and not self._killed:
-            # Nothing from the keeper for that long, though it ticks: it stopped.
-            self._killed = f"stopped ticking for {now - self._heard:.1f} s and was killed"
+            self._on_report(pickle.loads(packet))
+        silent = self._watch.silent_for(time.monotonic())
+        if silent > self.hang and self.keeper and not self._killed:
+            # The keeper turns five times a second, whatever this process does: it stopped.
+            self._killed = f"stopped ticking for {silent:.1f} s and was killed"
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.keeper, signal.SIGKILL)  # its end-of-file replaces it
-        if now >= self._swept + LINK_POLL:
+        if time.monotonic() >= self._swept + LINK_POLL:
             self._sweep()
         self._flush()
 
@@ -321,7 +348,7 @@ class BeatProcess:
             if item[0] == "ask":
                 _, ident, command = item
                 if self.local is None:
-                    self._queue("ask", "", pickle.dumps(("ask", ident, *command), _PICKLE))
+                    self._queue("ask", pickle.dumps(("ask", ident, *command), _PICKLE))
                 elif (answer := self._answers.get(ident)) is not None:
                     answer.set(_run(self.local, command[0], command[1:]))  # asked before
                 continue
@@ -330,29 +357,16 @@ class BeatProcess:
                 self.local.add(self._heartbeat(fields, message), counted=False, told=True)
                 continue
             self._held[fields[0]] = (message, fields)
-            if not sent:
-                self._queue("add", fields[0], pickle.dumps(("add", *fields), _PICKLE))
+            if sent != self._generation:  # not sent, or to a keeper gone since
+                self._queue("add", pickle.dumps(("add", *fields), _PICKLE))
 
-    def _queue(self, kind: str, receipt_handle: str, packet: bytes) -> None:
-        if len(self._outbox) >= MAX_OUTBOX:
-            self._outbox.popleft()
-            self._dropped += 1
-        self._outbox.append((kind, receipt_handle, packet))
+    def _queue(self, kind: str, packet: bytes) -> None:
+        self._outbox.append((kind, packet))
 
     def _flush(self) -> None:
         """Hand the keeper what waits, as much as fits now (never waiting for it)."""
-        while self._outbox:
-            if not _keeper.send(self._commands, self._outbox[0][2]):
-                break
+        while self._outbox and _keeper.send(self._commands, self._outbox[0][1]):
             self._outbox.popleft()
-        if self._dropped:
-            logger.warning(
-                "celery-sqs-heartbeat: the beat process's keeper did not read %d commands "
-                "in time; they were dropped (a keeper that stopped is replaced and handed "
-                "every message this worker holds).",
-                self._dropped,
-            )
-            self._dropped = 0
 
     def _sweep(self) -> None:
         """Tell the beat process of each message Celery settled (acknowledged, rejected,
@@ -361,7 +375,7 @@ class BeatProcess:
         settled = [rh for rh, (message, _) in self._held.items() if message.acknowledged]
         for receipt_handle in settled:
             del self._held[receipt_handle]
-            self._queue("settled", receipt_handle, pickle.dumps(("settled", receipt_handle)))
+            self._queue("settled", pickle.dumps(("settled", receipt_handle), _PICKLE))
 
     def _on_report(self, report: tuple[Any, ...]) -> None:
         kind = report[0]
@@ -379,13 +393,6 @@ class BeatProcess:
             record = logging.makeLogRecord(report[1])
             if logger.isEnabledFor(record.levelno):
                 logger.handle(record)
-        elif kind == "tick":
-            if report[1]:
-                logger.warning(
-                    "celery-sqs-heartbeat: the beat process did not read %d commands in "
-                    "time; they were dropped (its replacement is handed every message).",
-                    report[1],
-                )
         elif kind == "started":
             self._started(*report[1:])
         elif kind == "answer":
@@ -405,7 +412,6 @@ class BeatProcess:
     def _started(self, pid: int, old: int, status: str, paused: float, held: int) -> None:
         """The keeper forked beat process *pid*; in place of *old*, which died or hung,
         and handed it the *held* messages itself."""
-        self.pid = pid
         if not old:
             logger.info(
                 "celery-sqs-heartbeat: the beats come from the worker's beat process "
@@ -426,12 +432,17 @@ class BeatProcess:
     def _replace(self) -> None:
         """The keeper died (and so the beat process): fork another and hand it every
         message, unless that cannot be done; then the worker beats them itself."""
-        old, code = self.keeper, _system.reap(self.keeper)
+        old = self.keeper
+        with contextlib.suppress(ProcessLookupError):  # an end-of-file that was an error
+            os.kill(old, signal.SIGKILL)
+        code = _system.reap(old)
         _system.reap_orphan(self.pid, EXIT_WAIT)  # a worker that is PID 1 inherits it
         how = self._killed or (_system.status(code) if code is not None else "exited")
         self._killed = ""
         self._take_inbox()
-        self._outbox.clear()  # every held message is handed over below
+        # Every held message is handed over below; the questions wait for the new one.
+        asks = [entry for entry in self._outbox if entry[0] == "ask"]
+        self._outbox.clear()
         lived = time.monotonic() - self._spawned_at
         self._quick = self._quick + 1 if lived < _keeper.QUICK_DEATH else 0
         why = f"the beat process's keeper (pid {old}) {how}"
@@ -455,37 +466,39 @@ class BeatProcess:
             self.keeper,
             len(self._held),
         )
-        for rh, (_, fields) in self._held.items():
-            self._queue("add", rh, pickle.dumps(("add", *fields), _PICKLE))
+        for _, fields in self._held.values():
+            self._queue("add", pickle.dumps(("add", *fields), _PICKLE))
+        self._outbox.extend(asks)
         self._flush()
         return None
 
     def fall_back(self, why: str) -> None:
         """From now on beat every message in the worker's own process (said at WARNING
         by *fallback*, with the margin), or, without one, say that nothing is beaten."""
-        for sock in (self._commands, self._reports):
-            if sock is not None:
-                sock.close()
-        self._commands = self._reports = None
-        self.keeper = self.pid = 0
-        if self._fallback is None:
+        self._retire()
+        self.keeper = 0
+        if self._stopping.is_set():
+            return  # the worker is shutting down: nothing to beat any more
+        self._slots.forget_in_flight()  # the beat process died with its beats in flight
+        local = None
+        if self._fallback is not None:
+            try:
+                local = self._fallback(why)
+            except Exception:
+                logger.exception(
+                    "celery-sqs-heartbeat: %s, and the worker could not beat its messages itself",
+                    why,
+                )
+        if local is None:
             logger.error(
                 "celery-sqs-heartbeat: %s; the messages this worker holds (%d) are no "
                 "longer beaten.",
                 why,
                 len(self._held),
             )
+            self._dead = True
             self._stopping.set()
-            return
-        try:
-            local = self._fallback(why)
-        except Exception:
-            logger.exception(
-                "celery-sqs-heartbeat: %s, and the worker could not beat its messages "
-                "itself; they are no longer beaten.",
-                why,
-            )
-            self._stopping.set()
+            self._held.clear()
             return
         for message, fields in self._held.values():
             local.add(self._heartbeat(fields, message), counted=False, told=True)
@@ -533,22 +546,17 @@ def _run(sidecar: Sidecar, question: str, args: tuple[Any, ...]) -> Any:
 # -- the beat process ------------------------------------------------------------------------
 
 
-def _forward(sock: socket.socket, report: tuple[Any, ...]) -> bool:
-    """Hand *report* on without waiting; False if it does not fit now."""
-    try:
-        sock.send(pickle.dumps(report, _PICKLE), socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return False
-    except OSError:
-        pass  # the worker (or the keeper) is gone; so is this process, soon
-    return True
+def _forward(sock: Any, report: tuple[Any, ...]) -> bool:
+    """Hand *report* on without waiting (on a C library socket: a green one would
+    wait); False if it does not fit now."""
+    return _keeper.send(sock, pickle.dumps(report, _PICKLE))
 
 
 class _Forwarder(Reporter):
     """The beat process's reporter: it hands every report to the worker, and tells the
     keeper of each heartbeat that ended (it holds that message no more)."""
 
-    def __init__(self, counters: Counters, reports: socket.socket, link: socket.socket) -> None:
+    def __init__(self, counters: Counters, reports: Any, link: Any) -> None:
         super().__init__(counters, region=lambda: None)
         self._reports = reports
         self._link = link
@@ -606,7 +614,7 @@ def _portable(s: Settled) -> Settled:
 class _ForwardLogs(logging.Handler):
     """Hands the beat process's own log records to the worker, which logs them."""
 
-    def __init__(self, reports: socket.socket) -> None:
+    def __init__(self, reports: Any) -> None:
         super().__init__()
         self._reports = reports
 
@@ -620,15 +628,18 @@ class _ForwardLogs(logging.Handler):
         _forward(self._reports, ("log", fields))
 
 
-def _serve(config: _Config, link_fd: int, reports_sock: Any) -> int:
+def _serve(config: _Config, link_fd: int, reports: Any) -> int:
     """The beat process's life: beat what the keeper hands on, and tick to it, until
-    the keeper is gone. Returns its exit status."""
+    the keeper is gone. Returns its exit status.
+
+    Every send is on a C library socket (*reports*, and the link's), which never waits:
+    a green socket would wait on its hub until the worker reads, and stop the beats.
+    Only the link's reads go through this thread's own (green) socket."""
     keeper = os.getppid()
     _system.die_with_parent()
     if os.getppid() != keeper:
         return 0
-    link = socket.socket(fileno=link_fd)  # in this thread: a green one waits on its hub
-    reports = socket.socket(fileno=reports_sock.detach())
+    link = _keeper.raw(_socket.socket(fileno=link_fd))
     logger.handlers[:] = [_ForwardLogs(reports)]
     logger.propagate = False
     if config.level:
@@ -640,31 +651,29 @@ def _serve(config: _Config, link_fd: int, reports_sock: Any) -> int:
         return 1
 
 
-def _beat(config: _Config, link: socket.socket, reports: socket.socket, keeper: int) -> int:
+def _beat(config: _Config, link: Any, reports: Any, keeper: int) -> int:
     slots, options = config.slots, config.options
     counters = Counters(*slots.counter_blocks(None, beat=True))
     slots.forget_in_flight()
     clients = config.make_clients()
-    try:
-        clients.warm_up()
-    except Exception:  # STS or the instance's metadata, briefly out of reach
-        logger.warning(
-            "celery-sqs-heartbeat: the beat process could not make its SQS client yet; "
-            "each beat tries again.",
-            exc_info=True,
-        )
+    # Warmed up on a thread of its own: ticks go on meanwhile (STS may take seconds).
+    threading.Thread(
+        target=_warm_up, args=(clients,), name=f"{LINK_THREAD}-warm", daemon=True
+    ).start()
     sidecar = Sidecar(
         Sender(clients.for_queue),
         _Forwarder(counters, reports, link),
         call_timeout=clients.timeout,
         fence=slots,
+        wake_every=config.hang / 2,  # a loop that stopped is noticed within the margin
     )
     sidecar.run_in_background()
-    link.settimeout(LINK_POLL)
+    commands = socket.socket(fileno=os.dup(link.fileno()))  # a green one waits on this hub
+    commands.settimeout(LINK_POLL)
     ticked = 0.0
     while True:
         try:
-            packet: bytes | None = link.recv(MAX_PACKET)
+            packet: bytes | None = commands.recv(MAX_PACKET)
         except TimeoutError:
             packet = None
         except OSError:
@@ -684,9 +693,20 @@ def _beat(config: _Config, link: socket.socket, reports: socket.socket, keeper: 
     return 0
 
 
+def _warm_up(clients: Clients) -> None:
+    try:
+        clients.warm_up()
+    except Exception:  # STS or the instance's metadata, briefly out of reach
+        logger.warning(
+            "celery-sqs-heartbeat: the beat process could not make its SQS client yet; "
+            "each beat tries again.",
+            exc_info=True,
+        )
+
+
 def _obey(
     sidecar: Sidecar,
-    reports: socket.socket,
+    reports: Any,
     options: dict[str, HeartbeatOptions],
     command: tuple[Any, ...],
 ) -> None:
@@ -698,16 +718,23 @@ def _obey(
     elif kind == "settled":
         sidecar.stop(command[1], Ended.SETTLED)
     elif kind == "ask":
-        _answer(sidecar, reports, command[1], command[2], command[3:])
+        # On a thread of its own: a hand-back makes SQS calls, and the ticks go on.
+        threading.Thread(
+            target=_answer,
+            args=(sidecar, reports, command[1], command[2], command[3:]),
+            name=f"{LINK_THREAD}-answer",
+            daemon=True,
+        ).start()
 
 
 def _answer(
-    sidecar: Sidecar, reports: socket.socket, ident: int, question: str, args: tuple[Any, ...]
+    sidecar: Sidecar, reports: Any, ident: int, question: str, args: tuple[Any, ...]
 ) -> None:
-    """Run one of the worker's questions at its shutdown, and send the answer (waited
-    for: the worker's main thread is waiting for it)."""
+    """Run one of the worker's questions at its shutdown, and send the answer: the
+    worker's main thread waits for it, so a full buffer is waited out a little."""
     answer = _run(sidecar, question, args)
     if question == "hand_back":
         answer = [(hb, _portable_answer(a)) for hb, a in answer]
-    with contextlib.suppress(OSError):
-        reports.send(pickle.dumps(("answer", ident, answer), _PICKLE))
+    deadline = time.monotonic() + ANSWER_WAIT
+    while not _forward(reports, ("answer", ident, answer)) and time.monotonic() < deadline:
+        time.sleep(LINK_POLL / 10)

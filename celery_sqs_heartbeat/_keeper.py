@@ -22,8 +22,10 @@ from __future__ import annotations
 import _socket
 import collections
 import contextlib
+import ctypes
 import errno
 import gc
+import mmap
 import os
 import pickle
 import select
@@ -52,9 +54,8 @@ MAX_QUICK_DEATHS = 5
 QUICK_DEATH = 10.0
 #: The keeper's exit status when it gave up (its last report says why).
 GAVE_UP = 3
-#: Commands kept for a beat process that does not read them; a replacement is handed
-#: every held message anyway, so what falls off the end is only said.
-MAX_BACKLOG = 10_000
+#: How long a keeper that gave up tries to tell the worker why before it exits.
+LAST_WORD_WAIT = 1.0
 #: How long the keeper waits for the beat process to exit when the worker closes.
 EXIT_WAIT = 2.0
 #: The largest packet read: a message's receipt handle and queue URL, or a log record
@@ -71,13 +72,43 @@ def hang_limit(margin: float) -> float:
     return min(HANG_MAX, max(HANG_MIN, margin / 4))
 
 
+class _WatchFields(ctypes.Structure):
+    _fields_ = [
+        #: When the keeper last turned (CLOCK_MONOTONIC, the same in every process).
+        ("tick", ctypes.c_double),
+        #: The beat process it forked last (0: none now).
+        ("beat", ctypes.c_int64),
+    ]
+
+
+class Watch:
+    """What the keeper shows the worker without a packet, so that nothing is lost or
+    late however long the worker does not read: shared memory mapped by the worker
+    before it forks any keeper, written by the keeper alone."""
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, ctypes.sizeof(_WatchFields))
+        self.fields = _WatchFields.from_buffer(self._map)
+
+    def silent_for(self, now: float) -> float:
+        """How long the keeper has not turned (0 before its first turn)."""
+        tick = self.fields.tick
+        return now - tick if tick else 0.0
+
+    @property
+    def beat(self) -> int:
+        return int(self.fields.beat)
+
+
 class Setup(NamedTuple):
     """What the worker hands its keeper: its ends of the two socket pairs (commands in,
-    reports out), how long a beat process may go without a tick, and the beat process's
-    own life (``_beat._serve``), given its end of the keeper's link and the reports."""
+    reports out), the shared watch, how long a beat process may go without a tick, and
+    the beat process's own life (``_beat._serve``), given its end of the keeper's link
+    and the reports."""
 
     commands: Any
     reports: Any
+    watch: Watch
     hang: float
     serve: Callable[[int, Any], int]
 
@@ -97,8 +128,15 @@ def send(sock: Any, packet: bytes) -> bool:
 
 
 def raw(sock: Any) -> Any:
-    """*sock* as the C library's socket: no green wrapper can wait on a hub for it."""
-    return _socket.socket(fileno=sock.detach())
+    """*sock* as the C library's socket, which never waits: no green wrapper can wait on
+    a hub for it, and no default time-out (``socket.setdefaulttimeout``) makes a send
+    poll first."""
+    return _nonblocking(_socket.socket(fileno=sock.detach()))
+
+
+def _nonblocking(sock: Any) -> Any:
+    sock.settimeout(0)
+    return sock
 
 
 class _Keeper:
@@ -106,13 +144,15 @@ class _Keeper:
         self.setup = setup
         self.commands = raw(setup.commands)
         self.reports = raw(setup.reports)
+        self.watch = setup.watch.fields
         self.worker = os.getppid()
         #: Every message the beat process beats: receipt handle -> the fields of its add.
         self.held: dict[str, tuple[Any, ...]] = {}
-        #: Commands the beat process has not read yet: (kind, receipt handle, packet).
-        self.backlog: collections.deque[tuple[str, str, bytes]] = collections.deque()
-        #: Commands dropped from a full backlog since the worker was last told.
-        self.dropped = 0
+        #: Commands the beat process has not read yet: (kind, packet). Not bounded:
+        #: its adds are the held set's, and a beat process that does not read is killed.
+        self.backlog: collections.deque[tuple[str, bytes]] = collections.deque()
+        #: Reports to the worker that did not fit yet (a starved worker): sent in order.
+        self.outgoing: collections.deque[bytes] = collections.deque()
         self.pid = 0
         self.link: Any = None
         self.started = self.last_tick = self.respawn_at = 0.0
@@ -129,25 +169,36 @@ class _Keeper:
     # -- its life -------------------------------------------------------------------
 
     def run(self) -> int:
-        ticked = 0.0
         while True:
-            now = time.monotonic()
+            now = self.watch.tick = time.monotonic()
             if not self.pid and now >= self.respawn_at:
                 if self.quick >= MAX_QUICK_DEATHS:
-                    send(self.reports, pickle.dumps(("gave_up", self.why), _PICKLE))
-                    return GAVE_UP
+                    return self._give_up()
                 self._start(now)
             if not self._wait():
                 return self._close()
-            now = time.monotonic()
             if os.getppid() != self.worker:
                 return 0  # the worker is gone
+            now = time.monotonic()
             if self.pid and now - self.last_tick > self.setup.hang:
                 self._kill(now)
-            if now - ticked >= TICK:
-                ticked = now
-                send(self.reports, pickle.dumps(("tick", self.dropped), _PICKLE))
-                self.dropped = 0
+            self._tell()
+
+    def _tell(self, report: tuple[Any, ...] | None = None) -> bool:
+        """Send the worker *report*, after those that did not fit before; True when
+        nothing waits any more."""
+        if report is not None:
+            self.outgoing.append(pickle.dumps(report, _PICKLE))
+        while self.outgoing and send(self.reports, self.outgoing[0]):
+            self.outgoing.popleft()
+        return not self.outgoing
+
+    def _give_up(self) -> int:
+        """Say why to the worker (it may be too busy to read for a while), and exit."""
+        deadline = time.monotonic() + LAST_WORD_WAIT
+        while not self._tell(("gave_up", self.why)) and time.monotonic() < deadline:
+            self.sleep(TICK / 4)
+        return GAVE_UP
 
     def _wait(self) -> bool:
         """Wait up to a tick for a packet from the worker or the beat process, take it,
@@ -175,16 +226,12 @@ class _Keeper:
             self.held[rh] = command[1:]
         elif kind == "settled":
             self.held.pop(rh, None)
-        if len(self.backlog) >= MAX_BACKLOG:
-            self.backlog.popleft()  # a replacement is handed every held message anyway
-            self.dropped += 1
-        self.backlog.append((kind, rh, packet))
+        self.backlog.append((kind, packet))
 
     def _flush(self) -> None:
         """Hand the beat process what it has not read yet, as much as fits now."""
         while self.backlog and self.link is not None:
-            packet = self.backlog[0][2]
-            if not send(self.link, packet):
+            if not send(self.link, self.backlog[0][1]):
                 return
             self.backlog.popleft()
 
@@ -193,9 +240,10 @@ class _Keeper:
             if packet == b"":  # it died: every end of its link is closed
                 self._ended(_system.status(self.waitpid(self.pid, 0)[1]))
                 return
-            self.last_tick = time.monotonic()
             report = pickle.loads(packet)
-            if report[0] == "done":
+            if report[0] == "tick":  # only its main loop's tick: it turns and reads
+                self.last_tick = time.monotonic()
+            elif report[0] == "done":
                 self.held.pop(report[1], None)
 
     # -- a beat process --------------------------------------------------------------
@@ -203,6 +251,7 @@ class _Keeper:
     def _start(self, now: float) -> None:
         """Fork a beat process and hand it every held message."""
         mine, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+        _nonblocking(mine)
         try:
             pid = self.fork()
         except OSError as exc:  # EAGAIN (pids.max, RLIMIT_NPROC), ENOMEM
@@ -220,14 +269,14 @@ class _Keeper:
                 os._exit(code)
         theirs.close()
         self.pid, self.link, self.started, self.last_tick = pid, mine, now, now
+        self.watch.beat = pid
         paused = now - self.died if self.old else 0.0
-        report = ("started", pid, self.old, self.how, paused, len(self.held))
-        send(self.reports, pickle.dumps(report, _PICKLE))
+        self._tell(("started", pid, self.old, self.how, paused, len(self.held)))
         # Every held message first, then what waited but adds (which the held set
         # holds): a new one beats each at once, since its last beat may be an interval old.
-        handed: collections.deque[tuple[str, str, bytes]] = collections.deque()
-        for rh, fields in self.held.items():
-            handed.append(("add", rh, pickle.dumps(("add", *fields), _PICKLE)))
+        handed: collections.deque[tuple[str, bytes]] = collections.deque()
+        for fields in self.held.values():
+            handed.append(("add", pickle.dumps(("add", *fields), _PICKLE)))
         handed.extend(entry for entry in self.backlog if entry[0] != "add")
         self.backlog = handed
         self._flush()
@@ -247,6 +296,7 @@ class _Keeper:
             self.link.close()
         self.old, self.how, self.died = self.pid, how, now
         self.pid, self.link = 0, None
+        self.watch.beat = 0
         lived = now - self.started
         if lived < QUICK_DEATH:
             self._died_young(now, f"the beat process {how} {lived:.1f} s after its start")

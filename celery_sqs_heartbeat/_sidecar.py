@@ -112,6 +112,7 @@ class Sidecar:
         clock: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
         executor: Executor | None = None,
+        wake_every: float = math.inf,
     ) -> None:
         self._sender = sender
         self._report = reporter
@@ -135,6 +136,9 @@ class Sidecar:
         #: often, so a new message (whose first beat is an interval away) never has to
         #: wake it; a wake-up would cost Celery's thread a GIL hand-off.
         self._shortest = math.inf
+        #: The loop wakes at least this often anyway (the beat process's: its health is
+        #: judged by it, see :meth:`healthy`).
+        self._wake_every = wake_every
         #: When the loop last began a turn (:meth:`healthy`).
         self._turned = clock()
         self._stopping = threading.Event()
@@ -155,7 +159,8 @@ class Sidecar:
             if hb.receipt_handle in self._beats:
                 return False
             self._beats[hb.receipt_handle] = hb
-            self._counts[STARTED] += counted
+            if counted:  # else another writer counts it, under another lock
+                self._counts[STARTED] += 1
             if hb.options.interval < self._shortest:
                 self._shortest = hb.options.interval
                 self._wake.set()
@@ -322,9 +327,11 @@ class Sidecar:
         return self._thread is not None and self._thread.is_alive()
 
     def healthy(self, now: float) -> bool:
-        """Whether the loop still turns: it wakes at least once per shortest interval,
-        so a last turn older than that (and a little) means it is stuck."""
-        return self.running and now - self._turned <= self._shortest + TURN_SLACK
+        """Whether the loop still turns: it wakes at least once per shortest interval
+        (and *wake_every*), so a last turn older than that (and a little) means it is
+        stuck."""
+        longest = min(self._shortest, self._wake_every)
+        return self.running and now - self._turned <= longest + TURN_SLACK
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop the threads; heartbeats still registered simply stop beating."""
@@ -368,7 +375,7 @@ class Sidecar:
         # Beats just submitted are in flight, not counted here: their answers wake the
         # loop if they are due again sooner. So the loop never turns again at once, and
         # the executor's threads do not find it holding the lock they need next.
-        wake = min(now + shortest, _earliest(beats))
+        wake = min(now + min(shortest, self._wake_every), _earliest(beats))
         if wait and not self._stopping.is_set():
             with self._lock:
                 self._wake_at = wake
@@ -473,14 +480,7 @@ class Sidecar:
             try:
                 view = self._fence.begin(key_of(beat.hb.receipt_handle), beat.hb.slot)
             except SlotsBroken as exc:  # beaten unfenced, until Celery settles it
-                if not self._broken:
-                    self._broken = True
-                    logger.error(
-                        "celery-sqs-heartbeat: %s; the messages of that slot's tasks are "
-                        "beaten until Celery settles them (a beat may land just after the "
-                        "delete). Restart the worker to map new slots (said once).",
-                        exc,
-                    )
+                self._say_broken(exc)
                 continue
             if view is not None:
                 views[beat.hb] = view
@@ -540,7 +540,20 @@ class Sidecar:
 
     def _finish(self, index: int) -> None:
         assert self._fence is not None
-        self._fence.finish(index)
+        try:
+            self._fence.finish(index)
+        except SlotsBroken as exc:
+            self._say_broken(exc)
+
+    def _say_broken(self, exc: SlotsBroken) -> None:
+        if not self._broken:
+            self._broken = True
+            logger.error(
+                "celery-sqs-heartbeat: %s; the messages of that slot's tasks are beaten "
+                "until Celery settles them (a beat may land just after the delete). "
+                "Restart the worker to map new slots (said once).",
+                exc,
+            )
 
 
 def _stalled(hb: Heartbeat, waited: float) -> None:

@@ -158,14 +158,16 @@ class _Stat(NamedTuple):
 
 
 def _stat(pid: int | str) -> _Stat | None:
-    """/proc/<pid>/stat of process *pid* ("self": this one), or None if it has none."""
+    """/proc/<pid>/stat of process *pid* ("self": this one), or None if it has none.
+    Any other failure (``EMFILE``: out of file descriptors) raises ``OSError``: not
+    being able to look is no proof that a process is gone."""
     try:
         fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
-    except OSError:
+    except (FileNotFoundError, ProcessLookupError):
         return None
     try:
         text = os.read(fd, 4096)  # one read: the kernel writes the line whole
-    except OSError:  # ESRCH: it exited in between
+    except ProcessLookupError:  # ESRCH: it exited in between
         return None
     finally:
         os.close(fd)
@@ -195,10 +197,13 @@ def _platform() -> _Platform:
         pidfd = True
     except (AttributeError, OSError):
         pidfd = False
-    own = _stat("self")
-    # /proc mounted for another PID namespace shows someone else under our PID (or no
-    # /proc/self at all): its start times would not be our children's.
-    theirs = _stat(os.getpid())
+    try:
+        own = _stat("self")
+        # /proc mounted for another PID namespace shows someone else under our PID (or
+        # no /proc/self at all): its start times would not be our children's.
+        theirs = _stat(os.getpid())
+    except OSError:
+        own = theirs = None
     proc = own is not None and theirs is not None and own.start == theirs.start
     return _Platform(pidfd=pidfd, proc=proc)
 
@@ -228,24 +233,44 @@ def platform_report() -> list[str]:
     return lines
 
 
+#: An identity that could not be read: the start time is not checked.
+_UNKNOWN = 0
+
+
 def _identity(pid: int, proc: bool) -> int:
-    """Which process of PID *pid* it is, for as long as it lives: with /proc (*proc*),
-    its start time, which the main process checks the process at the PID against;
-    without, the time it attached (CLOCK_MONOTONIC, ns): no later process of the PID
-    attaches at the same instant, but it is only a key, with nothing to check against."""
+    """Which process of PID *pid* (the caller) it is, for as long as it lives: with
+    /proc (*proc*), its start time, which the main process checks the process at the
+    PID against; without, the time it attached (CLOCK_MONOTONIC, ns): no later process
+    of the PID attaches at the same instant, but it is only a key, with nothing to
+    check against. :data:`_UNKNOWN` where /proc could not be read just now."""
     if proc:
-        stat = _stat(pid)
-        return 0 if stat is None else stat.start  # 0: no such process, never alive
+        try:
+            stat = _stat(pid)
+        except OSError:  # EMFILE: nothing to check against, but no reason to be dead
+            return _UNKNOWN
+        return _UNKNOWN if stat is None else stat.start
     return time.monotonic_ns()
+
+
+#: What :func:`_is_still` read when /proc could not be read.
+_UNREAD = _Stat("", -1)
 
 
 def _is_still(pid: int, identity: int, proc: bool) -> bool:
     """Whether process *pid* has not exited (a zombie has) and is still the one that
-    attached as *identity*; without /proc (*proc*), whether some process of ours has
-    that PID."""
+    attached as *identity*; without /proc (*proc*), or where it cannot be read just now
+    (``EMFILE``), whether some process of ours has that PID."""
     if proc:
-        stat = _stat(pid)
-        return stat is not None and stat.state not in _EXITED and stat.start == identity
+        try:
+            stat = _stat(pid)
+        except OSError:
+            stat = _UNREAD
+        if stat is not _UNREAD:
+            return (
+                stat is not None
+                and stat.state not in _EXITED
+                and identity in (_UNKNOWN, stat.start)
+            )
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):  # PermissionError: not our child
@@ -492,8 +517,8 @@ class Slots:
         """A new beat process takes over: no beat of the one before is in flight any
         more (it died with them), so no ``task_postrun`` waits for them."""
         for index in range(self.capacity):
-            with self._locked(index) as slot:
-                slot.in_flight = 0
+            with contextlib.suppress(SlotsBroken), self._locked(index) as slot:
+                slot.in_flight = 0  # a broken slot is said at its first beat
 
     def finish(self, index: int) -> None:
         """A beat counted by :meth:`begin` has been answered (or was not sent)."""

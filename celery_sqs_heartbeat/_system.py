@@ -117,7 +117,12 @@ def can_die_with_parent() -> bool:
 def status(code: int) -> str:
     """A child's wait status, as a person reads it."""
     if os.WIFSIGNALED(code):
-        return f"was killed by {signal.Signals(os.WTERMSIG(code)).name}"
+        number = os.WTERMSIG(code)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:  # a real-time signal has no name
+            name = f"signal {number}"
+        return f"was killed by {name}"
     return f"exited with status {os.waitstatus_to_exitcode(code)}"
 
 

@@ -590,7 +590,15 @@ class Delegating(_Writer):
     def _beat_here(self, why: str) -> Sidecar:
         """The fallback, where no beat process can be made or kept: a sidecar of this
         process's own, fenced by the slots its tasks write, as the beat process was."""
-        clients = _clients(self.app, self.options, self.loader)
+        clients = _clients(self.app, self.options, self.loader, warm=False)
+        try:
+            clients.warm_up()
+        except Exception:  # STS or the instance's metadata, briefly out of reach
+            logger.warning(
+                "celery-sqs-heartbeat: the worker could not make its SQS client yet; each "
+                "beat tries again.",
+                exc_info=True,
+            )
         sidecar = Sidecar(
             Sender(clients.for_queue),
             self.reporter,

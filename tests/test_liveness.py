@@ -384,3 +384,20 @@ def test_the_platform_probe_matches_this_machine() -> None:
     assert platform.pidfd is pidfd
     assert platform.proc is (_slots._stat("self") is not None)
     assert isinstance(_slots.platform_report(), list)
+
+
+def test_a_child_is_not_dead_because_no_file_can_be_opened(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of file descriptors (EMFILE), neither a pidfd nor /proc can be opened: that
+    is no proof that the child exited, and its heartbeat must go on."""
+    with child_process() as pid:
+        slots = Slots(1)
+        slots.attach(0, pid)  # its identity read from /proc, as the child would write it
+
+        def no_fd(*args: Any, **kwargs: Any) -> int:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+        monkeypatch.setattr(os, "pidfd_open", no_fd)
+        monkeypatch.setattr(os, "open", no_fd)
+        slots.started(0, RH)
+        view = slots.begin(RH, None)
+        assert view is not None and view.alive
