@@ -60,7 +60,7 @@ docs: $(STAMP)  ## Build the docs site into site/ (warnings are errors)
 demo: $(STAMP)  ## Two workers on an embedded SQS: a long task runs twice without the heartbeat, once with it; draws the timeline
 	$(BIN)/python examples/demo.py
 
-bench: $(STAMP)  ## Measure what the heartbeat costs (~6 min); writes docs/performance.md and its charts
+bench: $(STAMP)  ## Measure what the heartbeat costs (~30 min); writes docs/performance.md and its charts
 	$(BIN)/python -m benchmarks.run
 
 dist: $(STAMP)  ## Build the sdist and the wheel into dist/ and check them with twine

@@ -31,6 +31,9 @@ CHILD_OVERHEAD_P50_US = 5.0
 MEMORY_LIMIT_MB = {"main": 3.0, "child": 1.0}
 #: The private memory a threads worker's beat process may take.
 BEAT_PROCESS_PRIVATE_MB = 8.0
+#: What the heartbeat may add in all to a threads worker that has run 10,000 tasks: the
+#: sum of the PSS of all its processes, on minus off.
+AGED_ADDED_MB = 12.0
 #: How late a beat may be at the 99th percentile in a threads worker with 8 spinning
 #: tasks, its beats from the beat process.
 BEAT_PROCESS_P99_MS = 100
@@ -119,6 +122,17 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                     _ok(r["private_mb"] <= BEAT_PROCESS_PRIVATE_MB) if beat else "",
                 )
             )
+    a = results["aged_memory"]
+    rows.append(
+        (
+            f"6. Memory the heartbeat adds to a threads worker (-c 4) after {a['tasks']:,} "
+            "tasks, all its processes (sum of PSS, on minus off)",
+            f"+{a['added_mb']:.1f} MB (+{a['added_young_mb']:.1f} MB when ready; "
+            f"{a['on']['aged_mb']:.1f} / {a['off']['aged_mb']:.1f} MB)",
+            f"≤ +{AGED_ADDED_MB:g} MB",
+            _ok(a["added_mb"] <= AGED_ADDED_MB),
+        )
+    )
     for name, t in results["throughput"].items():
         rows.append(
             (
@@ -235,7 +249,10 @@ def main() -> int:
     for name, run in (("overhead", overhead.run), ("scale", scale.run)):
         print(f"running {name}...", flush=True)
         results[name] = run()
-    print("running the worker figures (memory, throughput, calls, punctuality)...", flush=True)
+    print(
+        "running the worker figures (memory, aged memory, throughput, calls, punctuality)...",
+        flush=True,
+    )
     results.update(workers.run())
     elapsed = time.monotonic() - started
 
@@ -294,7 +311,12 @@ How each figure is measured:
    after it beat one task's message: its private pages (clean and dirty) and its PSS.
    Its private share grows as the worker's own garbage collector writes to the pages the
    two processes share after the fork, towards its PSS in a long-running worker. The
-   keeper, which only waits, is measured the same way.
+   keeper is measured the same way. Last, a threads worker (`-c 4`) heartbeat off, then
+   on, each runs {workers.AGED_TASKS:,} no-op tasks (rounds of {workers.AGED_ROUND:,},
+   against moto in a process of its own): the sum of the PSS of all its processes
+   (the worker, the keeper, the beat process) when it is ready and after the tasks.
+   Over a tree of forks that sum counts each page once: on minus off is what the
+   heartbeat costs the machine.
 
 ## Charts
 

@@ -291,7 +291,7 @@ class BeatProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.keeper, signal.SIGKILL)  # and so the beat process (pdeathsig)
             _system.reaped(self.keeper, EXIT_WAIT)
-        _system.reap_orphan(self.pid, EXIT_WAIT)
+        _system.reap_orphan(self.pid, self._watch.beat_start, EXIT_WAIT)
         self.keeper = 0
         self._retire()
         self._retire()  # and close them now: nothing sends any more
@@ -436,7 +436,9 @@ class BeatProcess:
         with contextlib.suppress(ProcessLookupError):  # an end-of-file that was an error
             os.kill(old, signal.SIGKILL)
         code = _system.reap(old)
-        _system.reap_orphan(self.pid, EXIT_WAIT)  # a worker that is PID 1 inherits it
+        _system.reap_orphan(
+            self.pid, self._watch.beat_start, EXIT_WAIT
+        )  # a worker that is PID 1 inherits it
         how = self._killed or (_system.status(code) if code is not None else "exited")
         self._killed = ""
         self._take_inbox()

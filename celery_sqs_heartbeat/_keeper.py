@@ -76,8 +76,9 @@ class _WatchFields(ctypes.Structure):
     _fields_ = [
         #: When the keeper last turned (CLOCK_MONOTONIC, the same in every process).
         ("tick", ctypes.c_double),
-        #: The beat process it forked last (0: none now).
+        #: The beat process it forked last (0: none now), and its start time.
         ("beat", ctypes.c_int64),
+        ("beat_start", ctypes.c_int64),
     ]
 
 
@@ -98,6 +99,10 @@ class Watch:
     @property
     def beat(self) -> int:
         return int(self.fields.beat)
+
+    @property
+    def beat_start(self) -> int:
+        return int(self.fields.beat_start)
 
 
 class Setup(NamedTuple):
@@ -269,7 +274,7 @@ class _Keeper:
                 os._exit(code)
         theirs.close()
         self.pid, self.link, self.started, self.last_tick = pid, mine, now, now
-        self.watch.beat = pid
+        self.watch.beat, self.watch.beat_start = pid, _system.started_at(pid)
         paused = now - self.died if self.old else 0.0
         self._tell(("started", pid, self.old, self.how, paused, len(self.held)))
         # Every held message first, then what waited but adds (which the held set
@@ -296,7 +301,7 @@ class _Keeper:
             self.link.close()
         self.old, self.how, self.died = self.pid, how, now
         self.pid, self.link = 0, None
-        self.watch.beat = 0
+        self.watch.beat = self.watch.beat_start = 0
         lived = now - self.started
         if lived < QUICK_DEATH:
             self._died_young(now, f"the beat process {how} {lived:.1f} s after its start")
@@ -328,6 +333,7 @@ class _Keeper:
                     self.waitpid(self.pid, 0)
                     break
                 self.sleep(0.01)
+        self.watch.beat = self.watch.beat_start = 0
         return 0
 
 

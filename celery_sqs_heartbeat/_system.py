@@ -150,20 +150,34 @@ def reap(pid: int) -> int | None:
         return None
 
 
-def parent_of(pid: int) -> int:
-    """The parent of process *pid* (0: gone, or not to be read here)."""
+def _parent_and_start(pid: int) -> tuple[int, int]:
+    """The parent of process *pid* and its start time (clock ticks since boot); (0, 0):
+    gone, or not to be read here."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return 0
+        return 0, 0
     fields = stat.rpartition(")")[2].split()
-    return int(fields[1]) if len(fields) > 1 else 0
+    try:
+        return int(fields[1]), int(fields[19])
+    except (IndexError, ValueError):
+        return 0, 0
 
 
-def reap_orphan(pid: int, timeout: float) -> None:
-    """Reap process *pid*, a grandchild whose parent just died, if it came to this
-    process: a worker that is PID 1 in a container (or a child subreaper) inherits it,
-    and nothing else would ever reap it."""
-    if pid and parent_of(pid) == os.getpid():
+def started_at(pid: int) -> int:
+    """Process *pid*'s start time, which no later process of that PID shares (0: not
+    to be read)."""
+    return _parent_and_start(pid)[1]
+
+
+def reap_orphan(pid: int, start: int, timeout: float) -> None:
+    """Reap process *pid*, started at *start*, a grandchild whose parent just died, if
+    it came to this process: a worker that is PID 1 in a container (or a child
+    subreaper) inherits it, and nothing else would ever reap it. The start time keeps
+    a child of this process's own that got the PID since from being reaped."""
+    if not pid or not start:
+        return
+    parent, started = _parent_and_start(pid)
+    if parent == os.getpid() and started == start:
         with contextlib.suppress(OSError):
             reaped(pid, timeout)
