@@ -34,7 +34,7 @@ from ._settings import HeartbeatOptions
 from ._sidecar import Sidecar
 from ._slots import Slots
 
-__all__ = ["BeatProcess", "supported"]
+__all__ = ["BeatProcess", "supported", "warm_up"]
 
 logger = logging.getLogger("celery_sqs_heartbeat")
 
@@ -660,7 +660,7 @@ def _beat(config: _Config, link: Any, reports: Any, keeper: int) -> int:
     clients = config.make_clients()
     # Warmed up on a thread of its own: ticks go on meanwhile (STS may take seconds).
     threading.Thread(
-        target=_warm_up, args=(clients,), name=f"{LINK_THREAD}-warm", daemon=True
+        target=warm_up, args=(clients,), name=f"{LINK_THREAD}-warm", daemon=True
     ).start()
     sidecar = Sidecar(
         Sender(clients.for_queue),
@@ -695,13 +695,15 @@ def _beat(config: _Config, link: Any, reports: Any, keeper: int) -> int:
     return 0
 
 
-def _warm_up(clients: Clients) -> None:
+def warm_up(clients: Clients, who: str = "the beat process") -> None:
+    """Make *clients*' client now, before any beat; where it cannot be made yet (STS or
+    the instance's metadata briefly out of reach), say so: each beat tries again."""
     try:
         clients.warm_up()
-    except Exception:  # STS or the instance's metadata, briefly out of reach
+    except Exception:
         logger.warning(
-            "celery-sqs-heartbeat: the beat process could not make its SQS client yet; "
-            "each beat tries again.",
+            "celery-sqs-heartbeat: %s could not make its SQS client yet; each beat tries again.",
+            who,
             exc_info=True,
         )
 

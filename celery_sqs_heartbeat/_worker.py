@@ -39,7 +39,7 @@ from typing import Any
 
 from celery import signals
 
-from ._beat import BeatProcess, supported
+from ._beat import BeatProcess, supported, warm_up
 from ._client import BrokerInfo, Clients, call_timeout, kombu_loader
 from ._control import InChild, InProcess, TaskHeartbeat
 from ._heartbeat import Ended, Heartbeat
@@ -591,14 +591,7 @@ class Delegating(_Writer):
         """The fallback, where no beat process can be made or kept: a sidecar of this
         process's own, fenced by the slots its tasks write, as the beat process was."""
         clients = _clients(self.app, self.options, self.loader, warm=False)
-        try:
-            clients.warm_up()
-        except Exception:  # STS or the instance's metadata, briefly out of reach
-            logger.warning(
-                "celery-sqs-heartbeat: the worker could not make its SQS client yet; each "
-                "beat tries again.",
-                exc_info=True,
-            )
+        warm_up(clients, "the worker")
         sidecar = Sidecar(
             Sender(clients.for_queue),
             self.reporter,
