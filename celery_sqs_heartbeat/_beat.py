@@ -171,6 +171,10 @@ class BeatProcess:
             self.hang,
             functools.partial(_serve, config),
         )
+        # No keeper lives now: its watch starts fresh, so a new one that is slow to
+        # turn the first time is given the hang limit from here, not from the last tick
+        # of the one before.
+        self._watch.fields.tick = time.monotonic()
         try:
             pid = os.fork()
         except OSError:

@@ -85,7 +85,8 @@ class _WatchFields(ctypes.Structure):
 class Watch:
     """What the keeper shows the worker without a packet, so that nothing is lost or
     late however long the worker does not read: shared memory mapped by the worker
-    before it forks any keeper, written by the keeper alone."""
+    before it forks any keeper, written by the keeper (and by the worker only while no
+    keeper lives, just before it forks one)."""
 
     def __init__(self) -> None:
         self._map = mmap.mmap(-1, ctypes.sizeof(_WatchFields))
