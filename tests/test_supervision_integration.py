@@ -120,6 +120,7 @@ def test_a_killed_keeper_in_a_green_worker_falls_back_to_beating_in_the_worker(
     runs_once(scenario, task_id, receipt_handle, killed)
 
 
+@pytest.mark.needs_request_log("the beats of a starved worker: it records its own only later")
 def test_a_beat_process_killed_while_the_worker_is_starved_is_replaced(
     scenario: Scenario,
 ) -> None:
