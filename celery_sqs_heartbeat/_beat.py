@@ -56,7 +56,6 @@ PROCESS_NAME = "HeartbeatProcess"
 #: Messages handed back per question to the beat process: its answer (about 700 bytes
 #: a message) must fit one packet of the socket's buffer (about 200 KB).
 HAND_BACK_CHUNK = 100
-IGNORED_SIGNALS = _system.IGNORED_SIGNALS
 #: How long the beat process tries to send an answer the worker has not room for yet.
 ANSWER_WAIT = 5.0
 _PICKLE = pickle.HIGHEST_PROTOCOL

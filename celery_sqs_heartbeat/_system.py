@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -74,12 +73,6 @@ def clean(run: Callable[[], int]) -> int:
     start(main, ())
     done.acquire()
     return status[0]
-
-
-def rewrap(sock: socket.socket) -> socket.socket:
-    """*sock* anew, in the calling thread: a gevent socket waits on the hub it was made
-    on. (Elsewhere the same socket would do; a new object is as good.)"""
-    return socket.socket(fileno=sock.detach()) if gevent() else sock
 
 
 def _new_green_hub() -> None:
