@@ -62,6 +62,9 @@ THREADS_CANCEL_QUEUED = (5, 7)
 #: The names of the consumer's methods an ETA or countdown timer entry calls.
 ETA_CALLBACKS = frozenset({"apply_eta_task", "_limit_post_eta"})
 
+#: The kombu ``Message`` methods that Celery defers as a task's ack or reject.
+SETTLES = frozenset({"ack_log_error", "reject_log_error"})
+
 _Wanted = Callable[[Any], bool]
 
 _DRAINING = _Guard("hand back the waiting messages at shutdown")
@@ -110,8 +113,49 @@ class StopBeats(bootsteps.StartStopStep):  # type: ignore[misc]
         from celery.worker.state import active_requests
 
         with _ENDING:
+            send_deferred_settles(c)
             running = {_tag(r) for r in tuple(active_requests)}
             current_role().stop_all(Ended.HANDED_BACK, running)
+
+
+def send_deferred_settles(c: Any) -> int:
+    """Send now the acks and rejects that Celery deferred in consumer *c*; how many.
+
+    Without an event loop (the gevent and eventlet pools), Celery 5.4 to 5.6 queue each
+    task's ack or reject in ``Consumer._pending_operations``, which runs only at the top of
+    the consumer's next turn. A warm shutdown ends the loop without that turn, so a task
+    that finished in its last seconds is still unacknowledged when kombu releases what is
+    unacknowledged at exit: its message is made visible again, and another worker runs it
+    a second time. (Celery 5.7 sends acks at once: ``Consumer.call_soon_ack``.)
+    Remote-control operations queued beside them are left as Celery leaves them.
+    """
+    pending = getattr(c, "_pending_operations", None)
+    if not pending or getattr(c, "hub", None) is not None:
+        return 0
+    settles = [p for p in tuple(pending) if _is_settle(p)]
+    for operation in settles:
+        pending.remove(operation)
+        try:
+            operation()
+        except Exception:  # ack_log_error logs a broker's error; anything else here
+            logger.exception("celery-sqs-heartbeat: a deferred acknowledgement failed")
+    if settles:
+        logger.info(
+            "celery-sqs-heartbeat: shutting down, sent %d acknowledgement(s) of finished "
+            "tasks that Celery had deferred, before kombu releases what is unacknowledged.",
+            len(settles),
+        )
+    return len(settles)
+
+
+def _is_settle(operation: Any) -> bool:
+    """Whether a deferred operation (a ``vine.promise``) acks or rejects a message."""
+    from kombu.message import Message
+
+    fun = getattr(operation, "fun", None)
+    return getattr(fun, "__name__", "") in SETTLES and isinstance(
+        getattr(fun, "__self__", None), Message
+    )
 
 
 def drain(w: Any, role: Role) -> int:

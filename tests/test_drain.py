@@ -83,3 +83,33 @@ def test_queued_threads_work_is_cancelled_and_the_rest_put_back_in_order() -> No
     finally:
         release.set()
         pool.executor.shutdown(wait=True)
+
+
+def test_deferred_acks_and_rejects_are_sent_and_other_operations_left() -> None:
+    """Celery 5.4 to 5.6 defer a green worker's acks to the consumer's next turn, which a
+    warm shutdown never takes: they are sent before kombu releases what is unacked."""
+    from kombu.message import Message
+    from vine import ppartial
+
+    settled: list[tuple[str, str]] = []
+    channel = SimpleNamespace(
+        basic_ack=lambda tag, multiple=False: settled.append(("ack", tag)),
+        basic_reject=lambda tag, requeue=False: settled.append(("reject", tag)),
+        no_ack_consumers=None,
+    )
+    acked = Message(channel=channel, delivery_tag="a")
+    rejected = Message(channel=channel, delivery_tag="r")
+    control = ppartial(lambda: settled.append(("control", "")))
+    pending = [
+        ppartial(acked.ack_log_error, _drain.logger, ()),
+        control,
+        ppartial(rejected.reject_log_error, _drain.logger, ()),
+    ]
+    consumer = SimpleNamespace(_pending_operations=pending, hub=None)
+
+    assert _drain.send_deferred_settles(consumer) == 2
+    assert settled == [("ack", "a"), ("reject", "r")]
+    assert pending == [control]
+    # With an event loop Celery runs them itself; nothing is taken.
+    assert _drain.send_deferred_settles(SimpleNamespace(_pending_operations=pending, hub=1)) == 0
+    assert pending == [control]
