@@ -137,8 +137,11 @@ def send_deferred_settles(c: Any) -> int:
         pending.remove(operation)
         try:
             operation()
-        except Exception:  # ack_log_error logs a broker's error; anything else here
-            logger.exception("celery-sqs-heartbeat: a deferred acknowledgement failed")
+        except Exception:  # kombu logs a broker's error itself; this is anything else
+            logger.exception(
+                "celery-sqs-heartbeat: could not send a deferred acknowledgement at "
+                "shutdown; kombu releases that message at exit."
+            )
     if settles:
         logger.info(
             "celery-sqs-heartbeat: shutting down, sent %d acknowledgement(s) of finished "
