@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import celery
+import kombu
 
 from ._client import BrokerInfo, Clients, call_timeout
 from ._errors import Failure, classify_exception, queue_arn
@@ -32,6 +33,12 @@ PROBE_VISIBILITY = 30
 #: The first Celery series with the soft shutdown (``worker_soft_shutdown_timeout``),
 #: whose cold shutdown hands the running tasks' messages back rather than deleting them.
 SOFT_SHUTDOWN_SERIES = (5, 5)
+#: The first series that sends a finished task's ack at once in a threads, gevent or
+#: eventlet worker (kombu's hub wakes for a pool thread's ``call_soon``; Celery's
+#: ``call_soon_ack``). Before it the ack waits for the event loop's next turn.
+PROMPT_ACK_SERIES = (5, 7)
+#: kombu's SQS long poll when ``wait_time_seconds`` is not set.
+KOMBU_WAIT_TIME_SECONDS = 10
 
 
 @dataclass
@@ -203,7 +210,9 @@ def _check_worker_settings(app: Any, enabled: list[HeartbeatOptions], report: Re
     if conf.worker_prefetch_multiplier > 1 and not conf.get("worker_disable_prefetch"):
         report.notes.append(
             f"worker_prefetch_multiplier={conf.worker_prefetch_multiplier}: prefetched "
-            "messages are beaten by the worker's main process while they wait"
+            "messages are beaten by the worker's main process while they wait, but not "
+            "in a solo, gevent or eventlet worker, where Celery sees them only once the "
+            "pool can start them: run those with worker_prefetch_multiplier=1"
         )
     if not conf.task_acks_on_failure_or_timeout:
         report.notes.append(
@@ -216,6 +225,36 @@ def _check_worker_settings(app: Any, enabled: list[HeartbeatOptions], report: Re
             "at once and may run again"
         )
     report.notes += shutdown_notes(conf, celery.VERSION[:2])
+    broker = BrokerInfo.from_app(app)
+    transport = broker.transport_options if broker is not None else {}
+    report.notes += ack_lag_notes(
+        enabled,
+        transport.get("wait_time_seconds", KOMBU_WAIT_TIME_SECONDS),
+        min(tuple(celery.VERSION[:2]), tuple(kombu.VERSION[:2])),
+    )
+
+
+def ack_lag_notes(
+    enabled: list[HeartbeatOptions], wait_time_seconds: float, series: tuple[int, int]
+) -> list[str]:
+    """Where a finished task's ack may come after its message's visibility runs out.
+
+    The heartbeat ends when the task does, and leaves the message hidden for at least
+    window - interval. Before 5.7, a threads, gevent or eventlet worker sends the ack only
+    at its event loop's next turn, which may wait for kombu's long poll.
+    """
+    if series >= PROMPT_ACK_SERIES or not enabled:
+        return []
+    margin = min(o.visibility_timeout - o.interval for o in enabled)
+    if margin > wait_time_seconds:
+        return []
+    return [
+        f"the heartbeat's margin (window - interval, {margin:g} s) is not above kombu's "
+        f"wait_time_seconds ({wait_time_seconds:g} s): before Celery and kombu 5.7, a "
+        "threads, gevent or eventlet worker acknowledges a finished task only at its "
+        "event loop's next turn, up to that long after, and a message whose visibility "
+        "runs out first is delivered again. Widen the window or shorten wait_time_seconds"
+    ]
 
 
 def shutdown_notes(conf: Any, series: tuple[int, int]) -> list[str]:

@@ -298,6 +298,28 @@ def task_rows(app: Any, found: Mapping[str, HeartbeatOptions]) -> list[dict[str,
     return rows
 
 
+#: Pools in which Celery sees a received message only once the one before it has a place
+#: to run: solo runs each task where it is delivered, and gevent and eventlet wait there
+#: for a free green thread. kombu delivers a receive's messages one after the other.
+INLINE_POOLS = frozenset({"solo", "gevent", "eventlet"})
+
+
+def prefetch_warnings(app: Any, found: Mapping[str, HeartbeatOptions], pool: str) -> list[str]:
+    """What a *pool* worker's prefetch leaves unbeaten: with a multiplier other than 1,
+    one receive can bring more messages than the pool can start, and those that wait
+    in kombu's hands are not yet Celery's, so no heartbeat knows them."""
+    multiplier = app.conf.worker_prefetch_multiplier
+    if pool not in INLINE_POOLS or multiplier == 1 or not enabled_tasks(found):
+        return []
+    return [
+        f"celery-sqs-heartbeat: a {pool} worker with worker_prefetch_multiplier="
+        f"{multiplier} receives several messages at once, and Celery sees each only when "
+        "the pool can start it, so no heartbeat covers them while they wait: one that "
+        "waits longer than its queue's visibility timeout is delivered to another worker "
+        "and runs twice. Set worker_prefetch_multiplier = 1 for this worker."
+    ]
+
+
 def startup_warnings(app: Any, found: Mapping[str, HeartbeatOptions]) -> list[str]:
     """What in the configuration leaves heartbeat-enabled tasks unprotected."""
     early = [n for n in enabled_tasks(found) if not app.tasks[n].acks_late]

@@ -50,6 +50,7 @@ from ._settings import (
     HeartbeatOptions,
     beat_process,
     enabled_tasks,
+    prefetch_warnings,
     resolve,
     resolve_tasks,
     shortest_interval,
@@ -727,7 +728,9 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
         app = sender.app
         if not _serves(app):
             return
-        for line in startup_warnings(app, _role.options or resolve_tasks(app)):
+        found = _role.options or resolve_tasks(app)
+        pool = type(getattr(sender, "pool", None)).__module__.rpartition(".")[2]
+        for line in [*startup_warnings(app, found), *prefetch_warnings(app, found, pool)]:
             logger.warning("%s", line)
         _role.ready(sender)
 

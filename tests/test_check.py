@@ -178,3 +178,30 @@ def test_a_shutdown_recipe_that_would_lose_the_task_is_said(
     assert len(notes) == len(said)
     for note, words in zip(notes, said, strict=True):
         assert words in note
+
+
+@pytest.mark.parametrize(
+    ("series", "visibility", "interval", "wait", "said"),
+    [
+        ((5, 6), 120, 30, 10, False),
+        ((5, 6), 12, 4, 10, True),
+        ((5, 6), 12, 4, 5, False),
+        ((5, 7), 12, 4, 10, False),
+    ],
+)
+def test_a_margin_that_an_ack_waiting_for_the_event_loop_outlasts_is_said(
+    series: tuple[int, int], visibility: int, interval: int, wait: int, said: bool
+) -> None:
+    """Before 5.7 a threads or green worker acks a finished task at its event loop's next
+    turn, up to kombu's long poll later: a margin shorter than that is said."""
+    from celery_sqs_heartbeat._check import ack_lag_notes
+    from celery_sqs_heartbeat._settings import HeartbeatOptions
+
+    options = HeartbeatOptions(
+        enabled=True, interval=interval, visibility_timeout=visibility, max_duration=None
+    )
+    notes = ack_lag_notes([options], wait, series)
+    assert bool(notes) is said
+    if said:
+        assert f"window - interval, {visibility - interval} s" in notes[0]
+        assert f"wait_time_seconds ({wait} s)" in notes[0]

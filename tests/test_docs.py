@@ -62,7 +62,7 @@ LOGGER_METHODS = {
 ONCE_HELPERS = {"note_once", "_note_once"}
 #: Functions whose returned strings the worker logs as they are (``logger.warning("%s",
 #: line)``), and at which level.
-FORWARDED = {"startup_warnings": "WARNING"}
+FORWARDED = {"startup_warnings": "WARNING", "prefetch_warnings": "WARNING"}
 #: Rows of a table of log lines: the call that makes one, and the positions of its level
 #: and message (``_report.ENDINGS``: ``Ending(lost, level, message)``).
 TABLE_ROWS = {"Ending": (1, 2)}

@@ -84,20 +84,28 @@ def sigterm(worker: WorkerProcess) -> float:
 
 @pytest.mark.parametrize("pool", POOLS_THAT_DROP_THE_QUEUE)
 def test_drain_hands_back_the_waiting_messages_at_once(scenario: Scenario, pool: str) -> None:
-    """The waiting messages start on the spare within seconds of the SIGTERM, not when
-    the long task ends; each task runs once, and the long one finishes where it
-    started."""
+    """The spare receives the waiting messages within seconds of the SIGTERM, not when
+    the long task ends, and runs them; each task runs once, and the long one finishes
+    where it started. (Receipt is what the drain decides: how soon the spare then runs
+    three prefetched tasks is Celery's pace, 3 s apart in a 5.5 prefork worker with
+    the heartbeat on or off.)"""
     _, draining, spare, long_id, waiting = hold_messages(scenario, pool)
 
     term_at = sigterm(draining)
+    wait_for(
+        lambda: all(received(spare, t) for t in waiting),
+        timeout=HANDED_BACK_WITHIN,
+        what="the spare worker to receive the waiting messages",
+    )
+    print(f"{pool}: waiting messages on the spare {time.time() - term_at:.2f} s after SIGTERM")
     starts = {t: scenario.wait_starts(t, 1, timeout=LONG_SECONDS + 20)[0] for t in waiting}
     assert draining.wait(LONG_SECONDS + 20) == 0
     runs = scenario.wait_settled(timeout=30)
 
-    delays = sorted(round(s.at - term_at, 2) for s in starts.values())
-    print(f"{pool}: waiting messages started on the spare {delays} s after SIGTERM")
     assert {s.worker for s in starts.values()} == {spare.name}
-    assert max(delays) <= HANDED_BACK_WITHIN, delays
+    assert max(s.at for s in starts.values()) < min(
+        r.at for r in runs if r.task_id == long_id and r.event == "end"
+    ), "the waiting messages ran only once the long task ended"
     assert [(r.event, r.worker) for r in runs if r.task_id == long_id] == [
         ("start", draining.name),
         ("end", draining.name),

@@ -231,10 +231,19 @@ def test_pool_child_killed_mid_task(scenario: Scenario, reject_on_worker_lost: b
     assert not late, "a beat for the killed task's message after its process died"
 
 
+#: The FIFO test's window: its threads worker's ack of the ended task waits, on kombu
+#: before 5.7, for the event loop's next turn (up to kombu's 1 s long poll, more on a
+#: loaded machine), and the message must stay hidden until then.
+FIFO_VISIBILITY = 4
+
+
 def fifo_conf(scenario: Scenario, heartbeat: bool) -> dict[str, object]:
     scenario.queue = f"{scenario.queue}.fifo"
     return scenario.config(
-        queue_timeout=QUEUE_TIMEOUT, heartbeat=heartbeat, interval=INTERVAL, visibility=VISIBILITY
+        queue_timeout=QUEUE_TIMEOUT,
+        heartbeat=heartbeat,
+        interval=INTERVAL,
+        visibility=FIFO_VISIBILITY,
     )
 
 
@@ -255,7 +264,7 @@ def test_fifo_queue_long_task_runs_once_and_holds_its_group(scenario: Scenario) 
     long_end = next(r.at for r in runs if r.task_id == long_id and r.event == "end")
     short_start = next(r.at for r in runs if r.task_id == short_id and r.event == "start")
     assert short_start >= long_end, "the group was not held while the long task ran"
-    assert len(beats_for(scenario, runs[0].receipt_handle, VISIBILITY)) >= 2
+    assert len(beats_for(scenario, runs[0].receipt_handle, FIFO_VISIBILITY)) >= 2
 
 
 def test_fifo_queue_long_task_runs_twice_without_heartbeat(scenario: Scenario) -> None:

@@ -15,7 +15,7 @@ from celery import Celery, signals
 import celery_sqs_heartbeat
 from celery_sqs_heartbeat import _worker
 from celery_sqs_heartbeat._send import ACCEPTED
-from celery_sqs_heartbeat._settings import resolve_tasks, startup_warnings
+from celery_sqs_heartbeat._settings import prefetch_warnings, resolve_tasks, startup_warnings
 from celery_sqs_heartbeat._sidecar import THREAD_NAME
 from celery_sqs_heartbeat.testing import wait_for
 
@@ -167,8 +167,17 @@ def test_startup_warnings_name_the_tasks(app: Celery) -> None:
     assert any(
         "signals.early" in w and "acks_late" in w and "signals.late" not in w for w in warnings
     )
-    # Prefetched messages are beaten while they wait: nothing to warn about.
+    # Prefetched messages are beaten while they wait: nothing to warn about...
     assert not any("prefetch" in w for w in warnings)
+    found = resolve_tasks(app)
+    assert prefetch_warnings(app, found, "prefork") == []
+    assert prefetch_warnings(app, found, "thread") == []
+    # ...but for the pools in which Celery sees them only once they can start.
+    for pool in ("solo", "gevent", "eventlet"):
+        (warning,) = prefetch_warnings(app, found, pool)
+        assert f"a {pool} worker with worker_prefetch_multiplier=4" in warning
+    app.conf.worker_prefetch_multiplier = 1
+    assert prefetch_warnings(app, found, "solo") == []
 
 
 def test_handlers_never_raise_into_celery(app: Celery, caplog: pytest.LogCaptureFixture) -> None:

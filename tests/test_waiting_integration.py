@@ -12,6 +12,8 @@ import collections
 
 import pytest
 
+from celery_sqs_heartbeat.testing import wait_for
+
 from .conftest import Scenario
 from .test_worker_integration import QUEUE_TIMEOUT
 
@@ -115,3 +117,57 @@ def test_countdown_runs_twice_without_heartbeat(scenario: Scenario, pool: str) -
     starts = scenario.wait_starts(task_id, 2, timeout=COUNTDOWN + 30)
 
     assert len(starts) >= 2
+
+
+#: The words of the start warning of a solo or green worker that prefetches.
+PREFETCH_WARNING = "Set worker_prefetch_multiplier = 1 for this worker"
+#: Long enough that a message waiting in kombu's hands outlives the queue's timeout by
+#: more than the spare worker's start.
+INLINE_TASK_SECONDS = 3 * QUEUE_TIMEOUT
+
+
+def one_receive_then_a_spare(scenario: Scenario, pool: str, multiplier: int) -> list[str]:
+    """Tasks queued first, so that one worker's first receive may take them all, then a
+    spare worker that would take any message whose visibility ran out."""
+    conf = scenario.config(
+        queue_timeout=QUEUE_TIMEOUT,
+        heartbeat=True,
+        interval=INTERVAL,
+        visibility=VISIBILITY,
+        worker_prefetch_multiplier=multiplier,
+    )
+    ids = [scenario.send(conf, "sleep", INLINE_TASK_SECONDS) for _ in range(TASKS)]
+    scenario.start_workers(conf, 1, pool=pool, concurrency=1)
+    wait_for(scenario.runs, timeout=20, what="the first worker to start a task")
+    scenario.start_workers(conf, 1, pool=pool, concurrency=1)
+    return ids
+
+
+# The solo pool runs a task where kombu delivers it, and the green pools wait there for a
+# free greenlet: the rest of that receive's messages wait in kombu's hands, where no
+# heartbeat knows them. One message per receive avoids it, and the worker says so.
+@pytest.mark.parametrize("pool", ["solo", "gevent"])
+def test_a_solo_or_green_worker_without_prefetch_runs_each_task_once(
+    scenario: Scenario, pool: str
+) -> None:
+    ids = one_receive_then_a_spare(scenario, pool, multiplier=1)
+
+    runs = scenario.wait_settled(timeout=TASKS * INLINE_TASK_SECONDS + 30)
+
+    starts = collections.Counter(r.task_id for r in runs if r.event == "start")
+    assert starts == {task_id: 1 for task_id in ids}, starts
+    assert PREFETCH_WARNING not in scenario.logs()
+
+
+@pytest.mark.parametrize("pool", ["solo", "gevent"])
+def test_a_solo_or_green_worker_that_prefetches_is_warned_and_runs_a_task_twice(
+    scenario: Scenario, pool: str
+) -> None:
+    ids = one_receive_then_a_spare(scenario, pool, multiplier=4)
+
+    runs = scenario.wait_settled(timeout=2 * TASKS * INLINE_TASK_SECONDS + 30)
+
+    starts = collections.Counter(r.task_id for r in runs if r.event == "start")
+    assert set(starts) == set(ids)
+    assert max(starts.values()) >= 2, starts
+    assert scenario.logs().count(PREFETCH_WARNING) == 2  # each worker, once
