@@ -9,6 +9,7 @@ with ``AccessDenied`` when it is not.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -112,7 +113,7 @@ def check(app: Any) -> Report:
     for q in queues.values():
         _check_queue(q, broker, clients, report)
     report.queues = list(queues.values())
-    _check_worker_settings(app, enabled, report)
+    _check_worker_settings(app, enabled, transport, report)
     return report
 
 
@@ -197,7 +198,9 @@ def _probe(client: Any, url: str) -> str:
     return "allowed"
 
 
-def _check_worker_settings(app: Any, enabled: list[HeartbeatOptions], report: Report) -> None:
+def _check_worker_settings(
+    app: Any, enabled: list[HeartbeatOptions], transport: Mapping[str, Any], report: Report
+) -> None:
     conf = app.conf
     report.worker = {
         "worker_prefetch_multiplier": conf.worker_prefetch_multiplier,
@@ -225,8 +228,6 @@ def _check_worker_settings(app: Any, enabled: list[HeartbeatOptions], report: Re
             "at once and may run again"
         )
     report.notes += shutdown_notes(conf, celery.VERSION[:2])
-    broker = BrokerInfo.from_app(app)
-    transport = broker.transport_options if broker is not None else {}
     report.notes += ack_lag_notes(
         enabled,
         transport.get("wait_time_seconds", KOMBU_WAIT_TIME_SECONDS),
