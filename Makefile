@@ -75,7 +75,7 @@ $(LOCALSTACK_STAMP): Makefile
 	touch $@
 
 test-localstack: $(STAMP) $(LOCALSTACK_STAMP)  ## The integration suite against LocalStack's SQS on loopback
-	$(BIN)/python tests/run_on_localstack.py --localstack-python $(LOCALSTACK_VENV)/bin/python
+	$(BIN)/python tests/support/run_on_localstack.py --localstack-python $(LOCALSTACK_VENV)/bin/python
 
 matrix: $(STAMP)  ## Python 3.10-3.13 x Celery 5.4-5.7 with nox; prints a table (~30 min)
 	mkdir -p matrix-results

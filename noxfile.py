@@ -9,8 +9,8 @@ and the kombu series of the same number (Celery 5.4.0 would otherwise take any k
 * one exactly-once test and its heartbeat-off twin, each in a prefork and a threads
   worker, against moto's server (or ``SQS_TEST_ENDPOINT``);
 * with Python 3.11, the shutdown tests (warm, cold, soft, the drain): each recipe of
-  the Deploying page, as written for the series (``tests/test_lifecycle_integration.py``
-  and ``tests/test_drain_integration.py``).
+  the Deploying page, as written for the series (``tests/integration/test_lifecycle_integration.py``
+  and ``tests/integration/test_drain_integration.py``).
 
 Interpreters are found on ``PATH`` (the Makefile adds pyenv's versions); a missing one
 is a skipped cell, and the table says so.
@@ -30,7 +30,7 @@ PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 CELERY = ["5.4", "5.5", "5.6", "5.7"]
 #: Where each cell writes the versions it really installed, beside nox's report.
 RESULTS = Path("matrix-results")
-INTEGRATION = "tests/test_worker_integration.py"
+INTEGRATION = "tests/integration/test_worker_integration.py"
 #: The exactly-once test and its twin, each with a prefork and a threads worker.
 EXACTLY_ONCE = [
     f"{INTEGRATION}::test_long_task_runs_exactly_once_with_heartbeat[prefork-sleep]",
@@ -40,8 +40,8 @@ EXACTLY_ONCE = [
 ]
 #: The shutdown recipes and the drain, which read Celery's internals of each series.
 SHUTDOWNS = [
-    "tests/test_lifecycle_integration.py",
-    "tests/test_drain_integration.py",
+    "tests/integration/test_lifecycle_integration.py",
+    "tests/integration/test_drain_integration.py",
 ]
 #: They depend on the Celery series, not on Python: one Python runs them.
 SHUTDOWN_PYTHON = "3.11"

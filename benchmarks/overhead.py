@@ -30,7 +30,7 @@ from typing import Any
 from celery import Celery, signals
 
 import celery_sqs_heartbeat
-from celery_sqs_heartbeat import _worker
+from celery_sqs_heartbeat import _handlers, _process, _roles
 
 from ._stats import percentile
 
@@ -161,20 +161,18 @@ def run() -> dict[str, Any]:
     # the sidecar thread and its client made before the first task. Each round then
     # connects only the arm's handlers.
     celery_sqs_heartbeat.install(app)
-    handlers = [(sig, fn) for sig, fn in _worker._HANDLERS if sig in SIGNALS]
-    for sig, fn in _worker._HANDLERS:
+    handlers = [(sig, fn) for sig, fn in _handlers._HANDLERS if sig in SIGNALS]
+    for sig, fn in _handlers._HANDLERS:
         sig.disconnect(fn, dispatch_uid=f"celery_sqs_heartbeat.{fn.__name__}")
-    delegating = _worker._for_worker(
-        _Worker(app=app, pool_cls="threads", concurrency=1, options={})
-    )
+    delegating = _roles.for_worker(_Worker(app=app, pool_cls="threads", concurrency=1, options={}))
     app.conf.sqs_heartbeat_beat_process = False
-    threads = _worker._for_worker(_Worker(app=app, pool_cls="threads", concurrency=1, options={}))
-    prefork = _worker._for_worker(_Worker(app=app, pool_cls="prefork", concurrency=1, options={}))
-    assert isinstance(threads, _worker.Main) and isinstance(prefork, _worker.Main)
-    assert isinstance(delegating, _worker.Delegating)
+    threads = _roles.for_worker(_Worker(app=app, pool_cls="threads", concurrency=1, options={}))
+    prefork = _roles.for_worker(_Worker(app=app, pool_cls="prefork", concurrency=1, options={}))
+    assert isinstance(threads, _roles.Main) and isinstance(prefork, _roles.Main)
+    assert isinstance(delegating, _roles.Delegating)
     assert prefork.slots is not None
     threads.start()
-    child = _worker.Child(prefork, prefork.slots, 0)
+    child = _roles.Child(prefork, prefork.slots, 0)
     arms: dict[str, tuple[Any, list[tuple[Any, Any]]]] = {
         "heartbeat": (threads, handlers),
         "child": (child, handlers[1:]),
@@ -186,7 +184,7 @@ def run() -> dict[str, Any]:
     def arm(name: str) -> None:
         role, receivers = arms.get(name, (None, []))
         if role is not None:
-            _worker._role = role
+            _process.become(role)
         for sig, fn in receivers:
             sig.connect(fn, weak=False)
         messages = [_message(noop, i) for i in range(PER_ROUND)]
@@ -207,7 +205,7 @@ def run() -> dict[str, Any]:
             order = list(samples) if r % 2 == 0 else list(reversed(samples))
             for name in order:
                 arm(name)
-        _worker._role = threads
+        _process.become(threads)
         own = _own_time(noop, handlers)
     finally:
         gc.enable()

@@ -52,9 +52,9 @@ def install(app: Any) -> None:
     ``celery.contrib.testing``; the ``celery`` command installs the heartbeat for every
     app by itself. Call it before the worker starts. Calling it again does nothing.
     """
-    from . import _worker
+    from . import _handlers
 
-    _worker.connect(app)
+    _handlers.connect(app)
 
 
 def uninstall() -> None:
@@ -62,9 +62,9 @@ def uninstall() -> None:
 
     For test suites that install and remove it around a test; harmless when not installed.
     """
-    from . import _worker
+    from . import _handlers
 
-    _worker.disconnect()
+    _handlers.disconnect()
 
 
 def options_for(task: Any) -> HeartbeatOptions:
@@ -90,10 +90,10 @@ def current() -> TaskHeartbeat | None:
     """
     from celery import current_task
 
-    from . import _worker
+    from . import _handlers
 
     task = current_task._get_current_object() if current_task else None
-    return None if task is None else _worker.current(task)
+    return None if task is None else _handlers.current(task)
 
 
 def stats() -> Stats:
@@ -102,6 +102,6 @@ def stats() -> Stats:
     Worker-wide: in a prefork worker the pool children and the main process share them,
     so a task sees the same numbers as a ``worker_ready`` or ``celeryd_init`` receiver.
     """
-    from . import _worker
+    from . import _handlers
 
-    return _worker.counters().stats()
+    return _handlers.counters().stats()

@@ -93,29 +93,13 @@ def call_timeout(smallest_interval: float) -> float:
     return max(MIN_CALL_TIMEOUT, min(MAX_CALL_TIMEOUT, smallest_interval / 2))
 
 
-def kombu_loader(consumer: Any) -> Any:
-    """The botocore data loader of a client kombu already made for *consumer*, or None.
-
-    kombu keeps its clients on the channel (``_sqs``, ``_predefined_queue_clients``) and
-    botocore its loader on the client (``_loader``): both private, so this only looks,
-    never creates, and any surprise means "none".
-    """
-    try:
-        channel = consumer.connection.default_channel
-        found: list[Any] = [getattr(channel, "_sqs", None)]
-        found += list((getattr(channel, "_predefined_queue_clients", None) or {}).values())
-    except Exception:
-        return None
-    return next((c._loader for c in found if getattr(c, "_loader", None) is not None), None)
-
-
 class Clients:
     """One boto3 SQS client per set of credentials, made on first use in this process."""
 
     def __init__(self, broker: BrokerInfo, *, timeout: float, loader: Any = None) -> None:
         self.broker = broker
         self.timeout = timeout
-        #: A botocore data loader to share (see :func:`kombu_loader`); None: our own.
+        #: A botocore data loader to share (see ``_celery.kombu_loader``); None: our own.
         self._loader = loader
         self._lock = threading.Lock()
         self._clients: dict[tuple[str, str | None, str | None], Any] = {}

@@ -8,9 +8,9 @@ program the ``sqs-heartbeat`` command (``_cli``).
 
 from __future__ import annotations
 
-from . import _worker
+from . import _handlers
 from ._cli import sqs_heartbeat
 
 __all__ = ["sqs_heartbeat"]
 
-_worker.connect(None)
+_handlers.connect(None)

@@ -18,7 +18,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from . import signals
 from ._errors import Failure, describe_denied
@@ -154,6 +154,19 @@ def _common(hb: Heartbeat) -> dict[str, Any]:
         "receipt_handle": hb.receipt_handle,
         "queue_url": hb.queue_url,
     }
+
+
+class Reports(Protocol):
+    """Where a sidecar reports its heartbeats' events: a :class:`Reporter`, or the beat
+    process's forwarder to the worker's (``_beat.serve``)."""
+
+    counters: Counters
+
+    def started(self, hb: Heartbeat) -> None: ...
+
+    def settled(self, s: Settled) -> None: ...
+
+    def ended(self, hb: Heartbeat, beats: int, detail: str = "") -> None: ...
 
 
 class Reporter:

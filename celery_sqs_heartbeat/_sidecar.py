@@ -43,7 +43,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import NamedTuple, Protocol
 
 from ._heartbeat import RIDE_FRACTION, STOP_WAIT, Ended, Heartbeat, Settled, allowed
-from ._report import STARTED, STOPPED, Reporter, Stats
+from ._report import STARTED, STOPPED, Reports, Stats
 from ._send import MAX_BATCH, Answer, Sender
 from ._slots import SlotsBroken, SlotView, key_of
 
@@ -105,7 +105,7 @@ class Sidecar:
     def __init__(
         self,
         sender: Sender,
-        reporter: Reporter,
+        reporter: Reports,
         *,
         call_timeout: float,
         fence: Fence | None = None,

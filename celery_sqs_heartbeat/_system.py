@@ -174,3 +174,12 @@ def reap_orphan(pid: int, start: int, timeout: float) -> None:
     if parent == os.getpid() and started == start:
         with contextlib.suppress(OSError):
             reaped(pid, timeout)
+
+
+def set_title(what: str, worker: int) -> None:
+    """Name this helper process of *worker* in ``ps`` as Celery names its own processes:
+    through ``setproctitle``, where it is installed (else nothing changes)."""
+    from celery.platforms import set_process_title
+
+    with contextlib.suppress(Exception):
+        set_process_title(f"celery-sqs-heartbeat {what}", info=f"of worker {worker}")

@@ -1,7 +1,8 @@
 """Fixtures: one SQS endpoint per test session, and a scenario per test.
 
 The endpoint is moto's server on loopback unless ``SQS_TEST_ENDPOINT`` names another
-(LocalStack, ElasticMQ, real SQS: see ``tests/sqs_endpoint.py`` and docs/testing.md).
+(LocalStack, ElasticMQ, real SQS: see ``tests/support/sqs_endpoint.py`` and docs/testing.md).
+Every test under ``tests/integration`` is marked ``integration``.
 
 A :class:`Scenario` owns a fresh queue, the Celery settings its workers get, the file
 their tasks record their runs in, and the workers it started (stopped at teardown, and
@@ -32,11 +33,17 @@ from celery_sqs_heartbeat.testing import (
     wait_for,
 )
 
-from .sqs_endpoint import ENDPOINT_ENV, ExternalSQS, queue_prefix
+from .support.sqs_endpoint import ENDPOINT_ENV, ExternalSQS, queue_prefix
 
 TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+#: The modules the tests' workers import (``worker_app``...): their ``PYTHONPATH`` and
+#: working directory.
+SUPPORT = TESTS / "support"
 #: The metric recipes the docs show, loaded by workers through ``imports``.
-EXAMPLES = TESTS.parent / "examples"
+EXAMPLES = ROOT / "examples"
+#: The folder whose tests start real workers: each gets the ``integration`` marker.
+INTEGRATION = TESTS / "integration"
 #: kombu's long-poll wait in the tests' workers (``wait_time_seconds``); also the
 #: visibility kombu sets when it requeues a message.
 KOMBU_WAIT_SECONDS = 1
@@ -74,6 +81,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.is_relative_to(INTEGRATION):
+            item.add_marker(pytest.mark.integration)
     endpoint = external_endpoint()
     if not endpoint:
         return
@@ -158,7 +168,7 @@ class Scenario:
             "SQSHB_CONFIG": json.dumps(conf),
             "SQSHB_EVENTS": str(self.events_path),
             "SQSHB_WORKER": name,
-            "PYTHONPATH": os.pathsep.join([str(TESTS), str(EXAMPLES), *sys.path]),
+            "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(EXAMPLES), *sys.path]),
             **(env or {}),
         }
         worker = WorkerProcess(
@@ -168,7 +178,7 @@ class Scenario:
             name=name,
             env=env,
             queues=queues,
-            cwd=TESTS,
+            cwd=SUPPORT,
             log_path=self.tmp / f"{name}.log",
             loglevel="INFO",
         )

@@ -1,0 +1,228 @@
+"""The wire between a worker, its keeper and its beat process: one type per kind of
+message, and the one encode and decode of them all.
+
+Every message is a packet of a ``SOCK_SEQPACKET`` socket pair. Who sends which:
+
+==============================  ==================================  =====================
+message                         from → to                           means
+==============================  ==================================  =====================
+:class:`Add`                    worker → keeper → beat process      beat this message
+:class:`Acked`                  worker → keeper → beat process      Celery acknowledged it
+:class:`Ask`                    worker → keeper → beat process      a shutdown's question
+:class:`Tick`, :class:`Done`    beat process → keeper               alive; no longer held
+:class:`Answered`,               beat process → worker               reports (the reporter's)
+:class:`HeartbeatEnded`,
+:class:`Log`, :class:`Reply`,
+:class:`Dropped`
+:class:`Started`, :class:`GaveUp`  keeper → worker                  a beat process forked;
+                                                                    the keeper's last word
+==============================  ==================================  =====================
+"""
+
+from __future__ import annotations
+
+import _socket
+import pickle
+from typing import Any, NamedTuple
+
+from .._heartbeat import Ended, Heartbeat, Settled
+from .._settings import HeartbeatOptions
+
+#: The largest packet read: a message's receipt handle and queue URL, or a log record
+#: with its traceback, fit many times over.
+MAX_PACKET = 1 << 20
+_DONTWAIT = _socket.MSG_DONTWAIT | getattr(_socket, "MSG_NOSIGNAL", 0)
+_PICKLE = pickle.HIGHEST_PROTOCOL
+
+
+# -- commands: the worker's, handed on by the keeper -------------------------------------
+
+
+class Add(NamedTuple):
+    """Beat this message from its receipt. Its *options* only where they differ from
+    its task's resolved at the worker's start, which the beat process inherits."""
+
+    receipt_handle: str
+    queue_url: str
+    options: HeartbeatOptions | None
+    received: float
+    task_name: str
+    task_id: str
+
+    def heartbeat(self, known: dict[str, HeartbeatOptions], settled: Any = None) -> Heartbeat:
+        """The heartbeat it asks for; *settled* tells whether Celery acknowledged it."""
+        return Heartbeat(
+            self.receipt_handle,
+            self.queue_url,
+            self.options or known[self.task_name],
+            self.received,
+            self.task_name,
+            self.task_id,
+            settled,
+        )
+
+
+class Acked(NamedTuple):
+    """Celery acknowledged, rejected or requeued the message: end its heartbeat."""
+
+    receipt_handle: str
+
+
+class HandBack(NamedTuple):
+    """A question: end these heartbeats and make their messages visible now."""
+
+    receipt_handles: list[str]
+
+
+class StopAll(NamedTuple):
+    """A question: end every heartbeat but those of *keep*."""
+
+    reason: Ended
+    keep: frozenset[str]
+
+
+Question = HandBack | StopAll
+
+
+class Ask(NamedTuple):
+    """One of the worker's questions at shutdown; its :class:`Reply` carries *ident*."""
+
+    ident: int
+    question: Question
+
+
+# -- the beat process's word to its keeper ----------------------------------------------
+
+
+class Tick(NamedTuple):
+    """The beat process's main loop turned, and its sidecar's loop is healthy."""
+
+
+class Done(NamedTuple):
+    """The beat process ended this message's heartbeat: the keeper holds it no more."""
+
+    receipt_handle: str
+
+
+# -- reports to the worker -----------------------------------------------------------------
+
+
+class Answered(NamedTuple):
+    """SQS's answer to one entry of a call, applied (``Reporter.settled``)."""
+
+    settled: Settled
+
+
+class HeartbeatEnded(NamedTuple):
+    """A heartbeat ended (``Reporter.ended``)."""
+
+    hb: Heartbeat
+    beats: int
+    detail: str
+
+
+class Log(NamedTuple):
+    """One of the beat process's log records, as a dict, for the worker to log."""
+
+    fields: dict[str, Any]
+
+
+class Reply(NamedTuple):
+    """The answer to the :class:`Ask` of *ident*."""
+
+    ident: int
+    value: Any
+
+
+class Dropped(NamedTuple):
+    """Reports dropped because the worker did not read them in time: how many."""
+
+    reports: int
+
+
+class Started(NamedTuple):
+    """The keeper forked beat process *pid*; in place of *old* (0: the first), which
+    ended as *status*; beats were *paused* for that long; it handed it *held* messages."""
+
+    pid: int
+    old: int
+    status: str
+    paused: float
+    held: int
+
+
+class GaveUp(NamedTuple):
+    """The keeper gives up forking beat processes, and why."""
+
+    why: str
+
+
+Message = (
+    Add
+    | Acked
+    | Ask
+    | Tick
+    | Done
+    | Answered
+    | HeartbeatEnded
+    | Log
+    | Reply
+    | Dropped
+    | Started
+    | GaveUp
+)
+_KINDS: tuple[type[Any], ...] = (
+    Add,
+    Acked,
+    Ask,
+    Tick,
+    Done,
+    Answered,
+    HeartbeatEnded,
+    Log,
+    Reply,
+    Dropped,
+    Started,
+    GaveUp,
+)
+_CODES = {kind: code for code, kind in enumerate(_KINDS)}
+
+
+def encode(message: Message) -> bytes:
+    """*message* as one packet: its kind's number and its fields (as small as a tuple)."""
+    return pickle.dumps((_CODES[type(message)], *message), _PICKLE)
+
+
+def decode(packet: bytes) -> Message:
+    """The message of one packet from :func:`encode`."""
+    code, *fields = pickle.loads(packet)
+    return _KINDS[code]._make(fields)  # type: ignore[no-any-return]
+
+
+# -- the sockets ----------------------------------------------------------------------------
+
+
+def send(sock: Any, message: Message | bytes) -> bool:
+    """Send one message (or an encoded one) without waiting; False if it does not fit
+    now (or the other end is gone: the keeper learns that at the end-of-file; or there
+    is none yet)."""
+    if sock is None:
+        return False
+    packet = message if isinstance(message, bytes) else encode(message)
+    try:
+        sock.send(packet, _DONTWAIT)
+    except OSError:  # BlockingIOError too: it does not fit now
+        return False
+    return True
+
+
+def raw(sock: Any) -> Any:
+    """*sock* as the C library's socket, which never waits: no green wrapper can wait on
+    a hub for it, and no default time-out (``socket.setdefaulttimeout``) makes a send
+    poll first."""
+    return nonblocking(_socket.socket(fileno=sock.detach()))
+
+
+def nonblocking(sock: Any) -> Any:
+    sock.settimeout(0)
+    return sock

@@ -1,0 +1,306 @@
+"""The part each process plays in a worker, and the choice of it at ``worker_init``.
+
+A role is built at a named signal and replaced whole at fork (``_process``), so no
+handler asks which pool or process it runs in. Each composes two parts: what beats
+(``_beats``: a sidecar of its own, or the beat process) and the task side (``_tasks``).
+
+=====================  ===========================  ==================================
+role                   beats                        tasks
+=====================  ===========================  ==================================
+:class:`Main`          a sidecar of its own         tell that sidecar (a pool that is
+                                                    not prefork, beats shared)
+:class:`Delegating`    the beat process (``_beat``)  write a slot each
+:class:`Child`         none (the main process's)    write its slot
+``Role``, ``NotSQS``   none                         none
+=====================  ===========================  ==================================
+
+A bad setting stops the worker at ``worker_init`` (``SystemExit``: Celery swallows any
+``Exception`` a handler raises).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from . import _celery
+from ._beat import BeatProcess, supported, warm_up
+from ._beats import LocalBeats
+from ._client import BrokerInfo
+from ._guard import note_once
+from ._process import Role
+from ._report import Counters, Reporter
+from ._send import Sender
+from ._settings import (
+    ConfigurationError,
+    HeartbeatOptions,
+    beat_process,
+    enabled_tasks,
+    resolve_tasks,
+)
+from ._sidecar import Sidecar
+from ._slots import Slots, available, platform_report
+from ._system import can_die_with_parent
+from ._tasks import SidecarTasks, SlotTasks, make_clients
+
+logger = logging.getLogger("celery_sqs_heartbeat")
+
+#: How many of the last tasks to end a worker with a beat process remembers in its slots
+#: (32 KB): the beat process knows their messages' tasks ended after their slot moved on,
+#: until the worker tells it that Celery settled them (within a fifth of a second).
+ENDED_RING = 4096
+
+
+def _margin(options: dict[str, HeartbeatOptions]) -> float:
+    """The shortest margin of the tasks' options: how long a heartbeat can go without
+    a beat before its message is delivered again (window - interval)."""
+    margins = [o.visibility_timeout - o.interval for o in options.values() if o.enabled]
+    return min(margins, default=math.inf)
+
+
+def _say_platform(*, helpers: bool) -> None:
+    """Say once, at start, each way this machine watches processes less exactly than it
+    could (no pidfd, no /proc; with *helpers*, no ``PR_SET_PDEATHSIG``)."""
+    lines = platform_report()
+    if helpers and not can_die_with_parent():
+        lines.append(
+            "no PR_SET_PDEATHSIG (not Linux): the keeper and the beat process notice the "
+            "worker's death at their next look (within 0.2 s), not at once"
+        )
+    for line in lines:
+        note_once(
+            line,
+            logging.WARNING,
+            "celery-sqs-heartbeat: this machine watches processes less exactly: %s.",
+            line,
+        )
+
+
+def _say_shared(why: str, *, green: bool, margin: float) -> None:
+    """Say, once, that the beats share the tasks' process, and what that costs."""
+    logger.warning(
+        "celery-sqs-heartbeat: the beats come from a %s of the worker's own process "
+        "(%s): a task that %s for %g s or more starves them, and its message is "
+        "delivered again.",
+        "greenlet" if green else "thread",
+        why,
+        "never yields (computes without I/O or a sleep)"
+        if green
+        else "holds the GIL (one long C call)",
+        margin,
+    )
+
+
+class NotSQS(Role):
+    """A worker with the heartbeat on, whose broker is not SQS."""
+
+    def ready(self, consumer: Any) -> None:
+        logger.info(
+            "celery-sqs-heartbeat: the broker is not SQS, so no heartbeat is sent; "
+            "tasks run as usual."
+        )
+
+
+class Main(Role):
+    """The worker's main process, which receives every message and beats it from a
+    sidecar of its own: a prefork worker's (fenced by the slots its children write), or
+    one whose tasks share its process (*shared* says why)."""
+
+    def __init__(
+        self,
+        app: Any,
+        options: dict[str, HeartbeatOptions],
+        slots: Slots | None,
+        *,
+        unfenced: bool = False,
+        shared: str = "",
+    ) -> None:
+        super().__init__()
+        self.app = app
+        self.options = options
+        #: The prefork pool's slots, mapped before the fork; None in the other pools.
+        self.slots = slots
+        #: A prefork pool without slots (no robust mutexes here).
+        self.unfenced = unfenced
+        #: In another pool, why the beats share the tasks' process (no beat process).
+        self.shared = shared
+        if slots is not None:
+            self.counters = Counters(*slots.counter_blocks(None))
+        self.local = LocalBeats(self._sidecar)
+        self.beats = self.local
+        self.tasks = SidecarTasks(lambda: self.local.running)
+
+    def received(self, request: Any) -> None:
+        hb = _celery.heartbeat_of(
+            request, self.options, carry_received=self.slots is not None, settled=True
+        )
+        if hb is not None:
+            self.beats.add(hb, request.message)
+
+    def ready(self, consumer: Any) -> None:
+        if self.unfenced:
+            logger.info(
+                "celery-sqs-heartbeat: this platform has no process-shared robust mutexes, "
+                "so the pool children cannot tell the main process when their tasks end; it "
+                "beats each message until Celery settles it (a beat may land just after the "
+                "delete)."
+            )
+        if self.slots is not None:
+            _say_platform(helpers=False)
+        if self.shared:
+            _say_shared(self.shared, green=_celery.is_green(consumer), margin=_margin(self.options))
+        self.local.start(consumer)
+
+    def _sidecar(self, consumer: Any) -> Sidecar:
+        """The sidecar; given the worker's *consumer*, its SQS client shares kombu's
+        parsed models."""
+        clients = make_clients(self.app, self.options, _celery.kombu_loader(consumer))
+        return Sidecar(
+            Sender(clients.for_queue),
+            Reporter(self.counters, region=lambda: clients.region),
+            call_timeout=clients.timeout,
+            fence=self.slots,
+        )
+
+    def forked(self) -> Role:
+        return Forked(self)
+
+
+class Forked(Role):
+    """A fork of the worker's main process: a pool child, once it says so."""
+
+    def __init__(self, main: Main) -> None:
+        super().__init__()
+        self._main = main
+
+    def in_pool_process(self) -> Role:
+        slots = self._main.slots
+        if slots is None:
+            return Role()  # no slots: the main process beats until Celery settles
+        index = _celery.pool_process_index()
+        if index is not None and 0 <= index < slots.capacity:
+            return Child(self._main, slots, index)
+        logger.warning(
+            "celery-sqs-heartbeat: pool process %s has no slot (%d mapped); the main process "
+            "beats its tasks' messages until Celery settles them.",
+            index,
+            slots.capacity,
+        )
+        return Role()
+
+
+class Child(Role):
+    """A prefork pool child: it tells the main process through its slot when its task
+    starts and ends."""
+
+    def __init__(self, main: Main, slots: Slots, index: int) -> None:
+        super().__init__()
+        self.options = main.options
+        self.index = index
+        self.counters = Counters(*slots.counter_blocks(index))
+        self.tasks = SlotTasks(main.app, main.options, slots, [index])
+
+
+class Delegating(Role):
+    """The main process of a threads, solo, gevent or eventlet worker whose beats come
+    from its beat process (``_beat``): it hands the beat process every message it
+    receives, and each task writes a slot, as a prefork child does."""
+
+    def __init__(self, app: Any, options: dict[str, HeartbeatOptions], slots: Slots) -> None:
+        super().__init__()
+        self.app = app
+        self.options = options
+        self.slots = slots
+        self.counters = Counters(*slots.counter_blocks(None))
+        broker = BrokerInfo.from_app(app)
+        assert broker is not None
+        self.reporter = Reporter(self.counters, region=broker.region)
+        #: kombu's botocore data loader, which the beat process's client shares.
+        self.loader: Any = None
+        self.beat_process = BeatProcess(
+            slots,
+            self.reporter,
+            lambda: make_clients(app, options, self.loader, warm=False),
+            options,
+            margin=_margin(options),
+            fallback=self._beat_here,
+        )
+        self.beats = self.beat_process
+        self.tasks = SlotTasks(app, options, slots, range(slots.capacity))
+
+    def received(self, request: Any) -> None:
+        hb = _celery.heartbeat_of(request, self.options, carry_received=True, settled=False)
+        if hb is not None:
+            self.beats.add(hb, request.message)
+
+    def ready(self, consumer: Any) -> None:
+        # Forked now: the consumer has connected, so kombu's client has parsed the SQS
+        # models and the beat process's client shares them (about 20 MB less in all
+        # than a fork at worker_init), and the pool has started no thread yet. A
+        # message received before is sent to it then.
+        _say_platform(helpers=True)
+        self.loader = _celery.kombu_loader(consumer)
+        beats = self.beat_process
+        beats.green = _celery.is_green(consumer)
+        try:
+            beats.spawn(level=logger.getEffectiveLevel())
+        except OSError as exc:
+            beats.fall_back(f"no beat process could be started: {exc}")
+        beats.start()  # its link thread says which process beats, once it does
+
+    def _beat_here(self, why: str) -> Sidecar:
+        """The fallback, where no beat process can be made or kept: a sidecar of this
+        process's own, fenced by the slots its tasks write, as the beat process was."""
+        clients = make_clients(self.app, self.options, self.loader, warm=False)
+        warm_up(clients, "the worker")
+        sidecar = Sidecar(
+            Sender(clients.for_queue),
+            self.reporter,
+            call_timeout=clients.timeout,
+            fence=self.slots,
+        )
+        sidecar.run_in_background()
+        _say_shared(why, green=self.beat_process.green, margin=_margin(self.options))
+        return sidecar
+
+
+def for_worker(worker: Any) -> Role:
+    """The role of a worker's main process, from its settings (at ``worker_init``)."""
+    app = worker.app
+    try:
+        options = resolve_tasks(app)
+        separate = beat_process(app.conf)
+    except ConfigurationError as exc:
+        # SystemExit is not an Exception: it stops the worker with status 1 and the
+        # message on stderr (logging is not set up yet at worker_init).
+        raise SystemExit(str(exc)) from None
+    if not enabled_tasks(options):
+        return Role()
+    if BrokerInfo.from_app(app) is None:
+        return NotSQS()
+    if not _celery.is_prefork(worker.pool_cls):
+        return (
+            _delegating(worker, options)
+            if separate
+            else Main(app, options, None, shared="sqs_heartbeat_beat_process is False")
+        )
+    if not available():
+        return Main(app, options, None, unfenced=True)
+    try:
+        slots = Slots(_celery.pool_size(worker))  # before the pool forks: every child inherits it
+    except OSError:  # the functions exist, but the kernel has no robust lists (qemu-user)
+        return Main(app, options, None, unfenced=True)
+    return Main(app, options, slots)
+
+
+def _delegating(worker: Any, options: dict[str, HeartbeatOptions]) -> Role:
+    """A worker that beats from a beat process (forked at ``worker_ready``). Where none
+    can be made, its own process beats, as it says at start."""
+    app = worker.app
+    if not (supported() and available()):
+        return Main(app, options, None, shared="this platform cannot run a beat process")
+    try:
+        return Delegating(app, options, Slots(_celery.pool_size(worker), ended=ENDED_RING))
+    except OSError as exc:  # robust mutexes that fail to initialise (qemu-user)
+        return Main(app, options, None, shared=f"no slots could be mapped: {exc}")

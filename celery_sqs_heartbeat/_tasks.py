@@ -1,0 +1,197 @@
+"""The task side: what a process that runs tasks tells the beats when a task starts and
+ends, and the manual control (``current()``) of the task running in a thread.
+
+Two shapes, one interface (:class:`Tasks`), composed into a role (``_roles``):
+
+* :class:`SidecarTasks`, where the tasks share the process of the sidecar that beats
+  them (``sqs_heartbeat_beat_process = False``, or no beat process can be made);
+* :class:`SlotTasks`, where the tasks run apart from what beats them (a prefork pool
+  child, or a worker whose beats come from its beat process): each task writes a slot
+  (``_slots``), which the beating process reads before each beat.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from ._celery import receipt_handle, running_heartbeat
+from ._client import BrokerInfo, Clients, call_timeout
+from ._control import InChild, InProcess, TaskHeartbeat
+from ._guard import note_once
+from ._report import Counters, Reporter
+from ._send import Sender
+from ._settings import HeartbeatOptions, shortest_interval
+from ._sidecar import Sidecar
+from ._slots import Slots, key_of
+
+
+class Tasks(Protocol):
+    """What the tasks running in a process tell the beats."""
+
+    def started(self, task: Any, task_id: str) -> None:
+        """``task_prerun``, in the task's own thread."""
+
+    def ended(self, task_id: str) -> None:
+        """``task_postrun``, in the task's own thread: final, no beat follows it."""
+
+    def current(self, task: Any) -> TaskHeartbeat | None:
+        """The manual control of *task*, running in this thread; None: no heartbeat."""
+
+
+class _NoTasks:
+    """No task of this process has a heartbeat."""
+
+    def started(self, task: Any, task_id: str) -> None:
+        pass
+
+    def ended(self, task_id: str) -> None:
+        pass
+
+    def current(self, task: Any) -> TaskHeartbeat | None:
+        return None
+
+
+NO_TASKS: Tasks = _NoTasks()
+
+
+def make_clients(
+    app: Any, options: dict[str, HeartbeatOptions], loader: Any = None, *, warm: bool = True
+) -> Clients:
+    """This process's SQS clients for *app*'s broker, their time-out from the shortest
+    interval. *warm*: made now, before any beat (building a client is ~100 ms of Python
+    that a busy process would slow down many times over)."""
+    broker = BrokerInfo.from_app(app)
+    assert broker is not None  # made for an SQS broker only
+    clients = Clients(broker, timeout=call_timeout(shortest_interval(app, options)), loader=loader)
+    if warm:
+        clients.warm_up()
+    return clients
+
+
+class SidecarTasks:
+    """Tasks that run in the process of the sidecar that beats them: each tells it
+    directly. *sidecar* returns it once it runs (None before)."""
+
+    def __init__(self, sidecar: Callable[[], Sidecar | None]) -> None:
+        self._sidecar = sidecar
+        #: Receipt handle of each task running here, by (thread, task id): kombu may
+        #: change the message's properties after prerun (requeue), and a retried task
+        #: keeps its id but runs in another thread (or after this one ends).
+        self.running: dict[tuple[int, str], str] = {}
+
+    def started(self, task: Any, task_id: str) -> None:
+        sidecar = self._sidecar()
+        if sidecar is None:
+            return
+        handle = receipt_handle(task.request)
+        if handle is not None and sidecar.run(handle):
+            self.running[threading.get_ident(), task_id] = handle
+
+    def ended(self, task_id: str) -> None:
+        handle = self.running.pop((threading.get_ident(), task_id), None)
+        sidecar = self._sidecar()
+        if handle is not None and sidecar is not None:
+            sidecar.stop(handle)
+
+    def current(self, task: Any) -> TaskHeartbeat | None:
+        handle = self.running.get((threading.get_ident(), task.request.id))
+        sidecar = self._sidecar()
+        hb = None if handle is None or sidecar is None else sidecar.get(handle)
+        return None if hb is None or sidecar is None else TaskHeartbeat(InProcess(sidecar, hb))
+
+
+class _Running:
+    """A task that writes a slot: the slot, and its manual control once asked for."""
+
+    __slots__ = ("handle", "index", "receipt_handle", "request")
+
+    def __init__(self, receipt_handle: str, request: Any, index: int) -> None:
+        self.receipt_handle = receipt_handle
+        self.request = request
+        self.index = index
+        self.handle: TaskHeartbeat | None = None
+
+
+class SlotTasks:
+    """Tasks that run apart from what beats them: each writes one of *indexes*, the
+    slots of this process, when it starts and ends."""
+
+    def __init__(
+        self, app: Any, options: dict[str, HeartbeatOptions], slots: Slots, indexes: Iterable[int]
+    ) -> None:
+        self.app = app
+        self.options = options
+        self.slots = slots
+        free = list(indexes)
+        for index in free:
+            slots.attach(index, os.getpid())
+        #: The slots no task uses. Taken and given back by the tasks' threads: a list's
+        #: pop and append are atomic.
+        self.free = free[::-1]
+        #: Each task running here, by (thread, task id), as in :class:`SidecarTasks`.
+        self.running: dict[tuple[int, str], _Running] = {}
+        #: A sender for the tasks' own extensions, made on the first one.
+        self.sender: Sender | None = None
+
+    def started(self, task: Any, task_id: str) -> None:
+        request = task.request
+        handle = receipt_handle(request)
+        if handle is None or not self._enabled(task):
+            return
+        try:
+            index = self.free.pop()
+        except IndexError:
+            note_once(
+                "no-slot",
+                logging.WARNING,
+                "celery-sqs-heartbeat: more tasks run at once than the %d slots mapped at "
+                "start; the beat process beats the others' messages until Celery settles "
+                "them.",
+                self.slots.capacity,
+            )
+            return
+        self.slots.started(index, key_of(handle))
+        self.running[threading.get_ident(), task_id] = _Running(handle, request, index)
+
+    def ended(self, task_id: str) -> None:
+        running = self.running.pop((threading.get_ident(), task_id), None)
+        if running is not None:
+            self.slots.ended(running.index)
+            self.free.append(running.index)
+
+    def current(self, task: Any) -> TaskHeartbeat | None:
+        running = self.running.get((threading.get_ident(), task.request.id))
+        if running is None:
+            return None
+        if running.handle is None:
+            hb = running_heartbeat(task, running.receipt_handle, running.request, self.options)
+            counters = Counters(*self.slots.counter_blocks(running.index))
+            reporter = Reporter(counters, region=lambda: None)
+            control = InChild(self.slots, running.index, hb, self._sender, reporter)
+            running.handle = TaskHeartbeat(control)
+        return running.handle
+
+    def _enabled(self, task: Any) -> bool:
+        options = self.options.get(task.name)
+        return options is None or options.enabled
+
+    def _sender(self) -> Sender | None:
+        """The sender for this process's own extensions, made on the first one; None
+        (said once) where no client can be made: the extension then fails."""
+        if self.sender is None:
+            try:
+                self.sender = Sender(make_clients(self.app, self.options).for_queue)
+            except Exception:
+                note_once(
+                    "own-client",
+                    logging.ERROR,
+                    "celery-sqs-heartbeat: could not make an SQS client in process %d; its "
+                    "tasks' own extensions fail (the regular beats go on).",
+                    os.getpid(),
+                    exc_info=True,
+                )
+        return self.sender
