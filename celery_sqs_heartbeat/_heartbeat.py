@@ -2,7 +2,7 @@
 
 Pure bookkeeping, with no threads, no clock and no SQS. The sidecar owns every
 :class:`Heartbeat` and changes it only under its own lock: it passes ``now`` in, sends
-what is due, and hands each answer back to :meth:`Heartbeat.settle`. The timing rules,
+what is due, and hands each answer back to :meth:`Heartbeat.answered`. The timing rules,
 all in one place:
 
 * Beats fall on a grid: multiples of a step, the largest power of two (in seconds) not
@@ -15,7 +15,7 @@ all in one place:
   The next beat is due at the last grid point at most one interval after it was sent.
 * A request with free places also takes the queue's beats due within
   :data:`RIDE_FRACTION` of their interval (never a first beat), so the beats of a busy
-  worker settle into full requests.
+  worker fall into full requests.
 * Nothing is asked past SQS's 12-hour limit from receipt, and no regular beat is sent
   past ``max_duration`` from the task's start: both in :func:`allowed`.
 * A transient failure is retried with jittered exponential backoff while the message's
@@ -37,6 +37,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from ._errors import Failure
 from ._send import Answer
@@ -93,6 +94,25 @@ class Ended(enum.Enum):
 
 #: The failures that end a heartbeat at once, and how.
 _FINAL = {Failure.GONE: Ended.GONE, Failure.DENIED: Ended.DENIED, Failure.LIMIT: Ended.LIMIT}
+
+
+class TaskReading(Protocol):
+    """What the beating process read of a message's task in its slot (``_slots.SlotView``)."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def running(self) -> bool: ...
+    @property
+    def alive(self) -> bool: ...
+    @property
+    def started(self) -> float: ...
+    @property
+    def pace(self) -> tuple[float, int] | None: ...
+    @property
+    def extended(self) -> tuple[float, int] | None: ...
+    @property
+    def extending(self) -> bool: ...
 
 
 def allowed(
@@ -200,7 +220,7 @@ class Heartbeat:
             return None
         return asked
 
-    def settle(
+    def answered(
         self,
         sent: float,
         asked: int,
@@ -209,7 +229,7 @@ class Heartbeat:
         jitter: float = 0.5,
         *,
         manual: bool = False,
-    ) -> Settled:
+    ) -> Outcome:
         """Apply SQS's *answer* to a call sent at *sent* asking for *asked* seconds: a
         regular beat, or the task's own extension (*manual*). A transient failure of a
         regular beat is retried while the message stays hidden; *jitter* (0..1) spreads
@@ -234,7 +254,7 @@ class Heartbeat:
             else:
                 retry_in = None
                 self.end(Ended.LOST)
-        return Settled(
+        return Outcome(
             self,
             asked,
             answer,
@@ -258,6 +278,32 @@ class Heartbeat:
             self._schedule(max(sent, self._on_grid(sent + seconds - margin)))
         else:
             self._schedule(self._on_grid(sent + self.options.interval))
+
+    def follow(self, view: TaskReading, now: float) -> bool:
+        """Apply what the task wrote in its slot; False when no beat may be sent now
+        (the task ended, its process died, or it is extending the message itself)."""
+        self.slot = view.index
+        if not view.running:
+            self.end(Ended.TASK_ENDED)
+            return False
+        if not view.alive:
+            self.end(Ended.SETTLED)  # Celery settles the message of a dead pool process
+            return False
+        if self.started is None:
+            self.started = view.started
+        options, pace = self.options, view.pace
+        if (
+            pace is not None
+            and pace[0] > 0
+            and pace != (options.interval, options.visibility_timeout)
+        ):
+            self.reconfigure(*pace)
+        if view.extended is not None and view.extended[0] > self.last_sent:
+            self.accepted(*view.extended, manual=True)
+        if view.extending:
+            self.put_off(now)
+            return False
+        return True
 
     def reconfigure(self, interval: float, visibility_timeout: int) -> None:
         """Another pace from the next beat on (due one new interval after the last)."""
@@ -303,8 +349,8 @@ class Heartbeat:
 
 
 @dataclass(frozen=True, slots=True)
-class Settled:
-    """One answer, as :meth:`Heartbeat.settle` applied it: what ``_report`` tells people."""
+class Outcome:
+    """One answer, as :meth:`Heartbeat.answered` applied it: what ``_report`` tells people."""
 
     hb: Heartbeat
     asked: int

@@ -3,7 +3,7 @@
 Every outcome is reported here, once: the counter, the signal and the log line of an
 event are decided together, and the end of a heartbeat by one table (:data:`ENDINGS`).
 The sidecar reports what it applied under its lock after releasing it, from the values
-taken there (``_heartbeat.Settled``), since receivers of the signals are user code.
+taken there (``_heartbeat.Outcome``), since receivers of the signals are user code.
 
 The counters are blocks of 64-bit integers, one per writing process: in a prefork worker
 the main process writes one and each pool slot's child another (its task's own
@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, Protocol
 
 from . import signals
 from ._errors import Failure, describe_denied
-from ._heartbeat import Ended, Heartbeat, Settled
+from ._heartbeat import Ended, Heartbeat, Outcome
 
 logger = logging.getLogger("celery_sqs_heartbeat")
 
@@ -164,7 +164,7 @@ class Reports(Protocol):
 
     def started(self, hb: Heartbeat) -> None: ...
 
-    def settled(self, s: Settled) -> None: ...
+    def outcome(self, s: Outcome) -> None: ...
 
     def ended(self, hb: Heartbeat, beats: int, detail: str = "") -> None: ...
 
@@ -186,7 +186,7 @@ class Reporter:
                 **_common(hb),
             )
 
-    def settled(self, s: Settled) -> None:
+    def outcome(self, s: Outcome) -> None:
         """Report one entry of a call SQS answered, or failed to."""
         failure = s.answer.failure
         if failure is None:
@@ -230,7 +230,7 @@ class Reporter:
                 exc_info=s.answer.error if unknown and s.failures == 1 else None,
             )
 
-    def _sent(self, s: Settled) -> None:
+    def _sent(self, s: Outcome) -> None:
         hb, options = s.hb, s.hb.options
         late = not s.manual and s.lateness > (options.visibility_timeout - options.interval) / 2
         self.counters.add(BEATS_SENT)

@@ -20,7 +20,7 @@ An executor thread then sends the request (:meth:`Sidecar._deliver`): without th
 reads the prefork slots of its beats (``_slots``: a task that ended, a process that died,
 a pace or an extension the task set), under the lock it applies that and drops what must
 not go any more (stopped meanwhile, a limit reached), then makes the call and settles
-the answers (:meth:`Sidecar._settle`, the one path for regular beats and a task's own
+the answers (:meth:`Sidecar._apply`, the one path for regular beats and a task's own
 extensions). So a request that waited for a free thread sends nothing stale, and a
 stalled call holds up no other heartbeat. SQS errors are classified (``_errors``) and
 reported (``_report``); none ever reaches a task.
@@ -42,7 +42,7 @@ from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import NamedTuple, Protocol
 
-from ._heartbeat import RIDE_FRACTION, STOP_WAIT, Ended, Heartbeat, Settled, allowed
+from ._heartbeat import RIDE_FRACTION, STOP_WAIT, Ended, Heartbeat, Outcome, allowed
 from ._report import STARTED, STOPPED, Reports, Stats
 from ._send import MAX_BATCH, Answer, Sender
 from ._slots import SlotsBroken, SlotView, key_of
@@ -126,7 +126,7 @@ class Sidecar:
         self._beats: dict[str, Heartbeat] = {}
         self._lock = threading.Lock()
         #: Wakes the callers waiting for a call in flight (stop, extend).
-        self._settled = threading.Condition(self._lock)
+        self._answered = threading.Condition(self._lock)
         #: Wakes the sleeping loop: a beat due sooner than it planned, or shutdown.
         self._wake = threading.Event()
         #: When the sleeping loop wakes by itself; infinity while it turns, so that
@@ -250,7 +250,7 @@ class Sidecar:
             return False
         answer = self._sender.send(hb.queue_url, [(hb.receipt_handle, asked)])[0]
         with self._lock:
-            settled = self._settle(hb, sent, asked, answer, self._clock(), manual=True)
+            settled = self._apply(hb, sent, asked, answer, self._clock(), manual=True)
         self._tell(settled)
         return answer.failure is None
 
@@ -273,7 +273,7 @@ class Sidecar:
             left = deadline - self._clock()
             if left <= 0:
                 return False
-            self._settled.wait(left)
+            self._answered.wait(left)
         return True
 
     def _note_due(self, hb: Heartbeat) -> None:
@@ -289,20 +289,20 @@ class Sidecar:
         self._counts[STOPPED] += 1
         return True
 
-    def _settle(
+    def _apply(
         self, hb: Heartbeat, sent: float, asked: int, answer: Answer, now: float, *, manual: bool
-    ) -> Settled:
+    ) -> Outcome:
         """Apply SQS's answer to a call for *hb*: the one path for beats and extensions."""
-        settled = hb.settle(sent, asked, answer, now, self._jitter(), manual=manual)
+        settled = hb.answered(sent, asked, answer, now, self._jitter(), manual=manual)
         if settled.ended:
             self._drop(hb)
         self._note_due(hb)
-        self._settled.notify_all()
+        self._answered.notify_all()
         return settled
 
-    def _tell(self, settled: Settled) -> None:
+    def _tell(self, settled: Outcome) -> None:
         """Report an applied answer (without the lock: receivers are user code)."""
-        self._report.settled(settled)
+        self._report.outcome(settled)
         if settled.ended:
             self._report.ended(settled.hb, settled.beats, settled.answer.detail)
 
@@ -418,7 +418,7 @@ class Sidecar:
         return requests
 
     def _deliver(self, queue_url: str, entries: list[_Beat]) -> None:
-        """Send one request and settle it; runs on an executor thread, which would keep
+        """Send one request and apply its answers; runs on an executor thread, which would keep
         an error to itself: a bug is said once, and its beats are planned again."""
         try:
             self._send(queue_url, entries)
@@ -437,16 +437,16 @@ class Sidecar:
                         beat.hb.in_flight = False
                         beat.hb.put_off(now)
                         self._note_due(beat.hb)
-                self._settled.notify_all()
+                self._answered.notify_all()
 
     def _send(self, queue_url: str, entries: list[_Beat]) -> None:
-        """Send one request and settle it.
+        """Send one request and apply its answers.
 
         The prefork slots are read here, just before the call: a request that waited for
         a free executor thread sees what its tasks did meanwhile."""
         views: dict[Heartbeat, SlotView] = {}
         ended: list[Heartbeat] = []
-        settled: list[Settled] = []
+        settled: list[Outcome] = []
         try:
             self._read_slots(entries, views)
             with self._lock:
@@ -460,7 +460,7 @@ class Sidecar:
                     answered = self._clock()
                     for beat, answer in zip(send, answers, strict=True):
                         settled.append(
-                            self._settle(beat.hb, sent, beat.asked, answer, answered, manual=False)
+                            self._apply(beat.hb, sent, beat.asked, answer, answered, manual=False)
                         )
         finally:
             for view in views.values():
@@ -500,7 +500,7 @@ class Sidecar:
         for beat in entries:
             hb, view = beat.hb, views.get(beat.hb)
             asked = None
-            if hb.ended is None and (view is None or self._follow(hb, view, now)):
+            if hb.ended is None and (view is None or hb.follow(view, now)):
                 asked = hb.plan(now) if hb.next_due <= beat.until else None
             if asked is not None:
                 send.append(_Ask(hb, asked))
@@ -509,34 +509,8 @@ class Sidecar:
             if hb.ended is not None and self._drop(hb):
                 ended.append(hb)
             self._note_due(hb)
-        self._settled.notify_all()
+        self._answered.notify_all()
         return send
-
-    def _follow(self, hb: Heartbeat, view: SlotView, now: float) -> bool:
-        """Apply what *hb*'s task wrote in its pool slot; False when no beat may be sent
-        now (the task ended, its process died, or it is extending the message itself)."""
-        hb.slot = view.index
-        if not view.running:
-            hb.end(Ended.TASK_ENDED)
-            return False
-        if not view.alive:
-            hb.end(Ended.SETTLED)  # Celery settles the message of a dead pool process
-            return False
-        if hb.started is None:
-            hb.started = view.started
-        options, pace = hb.options, view.pace
-        if (
-            pace is not None
-            and pace[0] > 0
-            and pace != (options.interval, options.visibility_timeout)
-        ):
-            hb.reconfigure(*pace)
-        if view.extended is not None and view.extended[0] > hb.last_sent:
-            hb.accepted(*view.extended, manual=True)
-        if view.extending:
-            hb.put_off(now)
-            return False
-        return True
 
     def _finish(self, index: int) -> None:
         assert self._fence is not None

@@ -388,7 +388,7 @@ class BeatProcess:
 
     def _on_report(self, report: wire.Message) -> None:
         if isinstance(report, wire.Answered):
-            self._report.settled(report.settled)
+            self._report.outcome(report.outcome)
         elif isinstance(report, wire.HeartbeatEnded):
             hb = report.hb
             message, _ = self._held.pop(hb.receipt_handle, (None, None))

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from .. import _system
 from .._client import Clients
-from .._heartbeat import Ended, Heartbeat, Settled
+from .._heartbeat import Ended, Heartbeat, Outcome
 from .._report import Counters
 from .._send import Answer, Sender
 from .._settings import HeartbeatOptions
@@ -78,7 +78,7 @@ class _Forwarder:
     def started(self, hb: Heartbeat) -> None:
         pass  # the worker reported it at task_received
 
-    def settled(self, s: Settled) -> None:
+    def outcome(self, s: Outcome) -> None:
         if s.answer.error is not None:
             s = _portable(s)
         self._forward(wire.Answered(s))
@@ -106,10 +106,10 @@ def _portable_answer(answer: Answer) -> Answer:
     return Answer(answer.failure, answer.detail, BeatProcessError(text))
 
 
-def _portable(s: Settled) -> Settled:
+def _portable(s: Outcome) -> Outcome:
     """*s* with its error as text."""
     answer = _portable_answer(s.answer)
-    return Settled(
+    return Outcome(
         s.hb,
         s.asked,
         answer,

@@ -25,7 +25,7 @@ import _socket
 import pickle
 from typing import Any, NamedTuple
 
-from .._heartbeat import Ended, Heartbeat, Settled
+from .._heartbeat import Ended, Heartbeat, Outcome
 from .._settings import HeartbeatOptions
 
 #: The largest packet read: a message's receipt handle and queue URL, or a log record
@@ -110,7 +110,7 @@ class Done(NamedTuple):
 class Answered(NamedTuple):
     """SQS's answer to one entry of a call, applied (``Reporter.settled``)."""
 
-    settled: Settled
+    outcome: Outcome
 
 
 class HeartbeatEnded(NamedTuple):

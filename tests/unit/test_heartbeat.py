@@ -277,3 +277,23 @@ def test_a_message_gone_because_celery_settled_it_is_no_loss() -> None:
     hb = w.add(is_settled=lambda: settled)
     w.advance(FIRST)
     assert hb.ended is Ended.SETTLED and w.sidecar.stats().messages_lost == 0
+
+
+def test_following_a_slot_applies_what_its_task_wrote() -> None:
+    """``Heartbeat.follow``: the start, the pace and the task's own extension it wrote;
+    no beat while it extends, and an end once its task ended or its process died."""
+    from celery_sqs_heartbeat._slots import SlotView
+
+    hb = Heartbeat("rh", "q", OPTIONS, 0.0)
+    assert hb.follow(SlotView(3, running=True, started=5.0, pace=(10, 60)), now=6.0)
+    assert (hb.slot, hb.started) == (3, 5.0)
+    assert (hb.options.interval, hb.options.visibility_timeout) == (10, 60)
+    assert hb.follow(SlotView(3, running=True, started=5.0, extended=(7.0, 300)), now=7.5)
+    assert hb.last_sent == 7.0
+    assert not hb.follow(SlotView(3, running=True, extending=True), now=8.0)
+    assert hb.ended is None
+    assert not hb.follow(SlotView(3, running=False), now=9.0)
+    assert hb.ended is Ended.TASK_ENDED
+    dead = Heartbeat("rh-dead", "q", OPTIONS, 0.0)
+    assert not dead.follow(SlotView(1, running=True, alive=False), now=1.0)
+    assert dead.ended is Ended.SETTLED
