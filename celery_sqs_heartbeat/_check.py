@@ -213,7 +213,7 @@ def _check_worker_settings(
     if conf.worker_prefetch_multiplier > 1 and not conf.get("worker_disable_prefetch"):
         report.notes.append(
             f"worker_prefetch_multiplier={conf.worker_prefetch_multiplier}: prefetched "
-            "messages are beaten by the worker's main process while they wait, but not "
+            "messages are beaten from their receipt while they wait, but not "
             "in a solo, gevent or eventlet worker, where Celery sees them only once the "
             "pool can start them: run those with worker_prefetch_multiplier=1"
         )
