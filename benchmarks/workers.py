@@ -34,8 +34,11 @@ THROUGHPUT_POLLING_INTERVAL = 0.005
 THROUGHPUT_PREFETCH_MULTIPLIER = 8
 #: Threads that fill the throughput queues (the loopback server answers them in parallel).
 SEND_THREADS = 4
-#: Tasks sent to one arm at a time in the throughput figure.
-ROUND_TASKS = 200
+#: Rounds per arm in the throughput figure; each arm's rate is the median of them.
+THROUGHPUT_ROUNDS = 3
+#: Tasks sent to one arm at a time in the throughput figure: about the 2,000 tasks per arm
+#: that ten rounds of 200 sent before (a multiple of SEND_THREADS).
+ROUND_TASKS = 668
 
 
 class Bench:
@@ -99,14 +102,15 @@ def _conf(queue: str, heartbeat: bool, **extra: Any) -> dict[str, Any]:
 
 
 def _throughput_pair(
-    bench: Bench, broker_url: str, pool: str, concurrency: int, tasks: int
+    bench: Bench, broker_url: str, pool: str, concurrency: int, rounds: int
 ) -> dict[bool, float]:
     """Tasks per second of two workers, heartbeat on and off, each on a queue of its own.
 
-    The tasks go in rounds of ROUND_TASKS, to one arm then the other (the order swapped
-    every round): moto's cost per request grows with the messages it holds, so a small
-    queue keeps it from being all that is measured. A round's rate is taken from the
-    worker's own log, first task done to last; each arm's rate is its median round.
+    The tasks go in ``rounds`` rounds of ROUND_TASKS, to one arm then the other (the order
+    swapped every round): moto's cost per request grows with the messages it holds, so a
+    queue of one round at a time keeps it from being all that is measured. A round's rate
+    is taken from the worker's own log, first task done to last; each arm's rate is its
+    median round.
     """
     arms: dict[bool, tuple[str, dict[str, Any]]] = {}
     for heartbeat in (True, False):
@@ -125,7 +129,7 @@ def _throughput_pair(
     try:
         for worker in workers.values():
             worker.wait_ready(60)
-        for r in range(tasks // ROUND_TASKS):
+        for r in range(rounds):
             for heartbeat in (True, False) if r % 2 == 0 else (False, True):
                 queue, conf = arms[heartbeat]
                 worker = workers[heartbeat]
@@ -168,13 +172,13 @@ def _log_time(line: str) -> float:
     return seconds + int(stamp[20:23]) / 1000
 
 
-def throughput(bench: Bench, tasks: int = 2000) -> dict[str, Any]:
+def throughput(bench: Bench, rounds: int = THROUGHPUT_ROUNDS) -> dict[str, Any]:
     """No-op tasks per second, heartbeat on vs off, against moto in a process of its own."""
     results: dict[str, Any] = {}
     with MotoProcess() as moto:
         broker_url = f"sqs://127.0.0.1:{moto.port}"
         for pool, concurrency in (("prefork", 2), ("threads", 8)):
-            rates = _throughput_pair(bench, broker_url, pool, concurrency, tasks)
+            rates = _throughput_pair(bench, broker_url, pool, concurrency, rounds)
             results[f"{pool} -c {concurrency}"] = {
                 "on": rates[True],
                 "off": rates[False],
