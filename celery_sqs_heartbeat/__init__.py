@@ -13,8 +13,9 @@ Switch it on with one Celery setting::
 
 Workers started with the ``celery`` command load the package by themselves (it is a
 ``celery`` command plugin). Workers started from Python call :func:`install` first.
-Every setting can be overridden per task, under the same name, with
-``@app.task(sqs_heartbeat_interval=10)`` or ``task_annotations``.
+Every setting but the worker-wide ``sqs_heartbeat_beat_process`` can be overridden
+per task, under the same name, with ``@app.task(sqs_heartbeat_interval=10)`` or
+``task_annotations``.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def current() -> TaskHeartbeat | None:
     """The heartbeat of the task running in this thread, for manual control.
 
     None outside a task, and for a task without a heartbeat (not from SQS, heartbeat
-    off, eager). Call it from the task's own thread::
+    off, eager, no ``acks_late``). Call it from the task's own thread::
 
         hb = celery_sqs_heartbeat.current()
         if hb is not None:

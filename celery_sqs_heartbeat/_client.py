@@ -10,7 +10,7 @@ which would list the account's queues.
 Clients are made in the process that uses them (a boto3 client must not cross a fork),
 one per set of credentials, and shared by the sidecar's calls. Where the worker's own
 (kombu's) client can be found, ours are made with its botocore data loader: they share
-its parsed service models and endpoint data, about 10 MB a worker would otherwise load
+its parsed service models and endpoint data, about 9 MB a worker would otherwise load
 twice.
 """
 

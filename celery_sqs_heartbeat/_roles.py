@@ -29,6 +29,7 @@ from ._beat import BeatProcess, supported, warm_up
 from ._beats import LocalBeats
 from ._client import BrokerInfo
 from ._guard import note_once
+from ._liveness import platform_report
 from ._process import Role
 from ._report import Counters, Reporter
 from ._send import Sender
@@ -40,7 +41,7 @@ from ._settings import (
     resolve_tasks,
 )
 from ._sidecar import Sidecar
-from ._slots import Slots, available, platform_report
+from ._slots import Slots, available
 from ._system import can_die_with_parent
 from ._tasks import SidecarTasks, SlotTasks, make_clients
 
@@ -236,7 +237,7 @@ class Delegating(Role):
 
     def ready(self, consumer: Any) -> None:
         # Forked now: the consumer has connected, so kombu's client has parsed the SQS
-        # models and the beat process's client shares them (about 20 MB less in all
+        # models and the beat process's client shares them (about 9 MB less
         # than a fork at worker_init), and the pool has started no thread yet. A
         # message received before is sent to it then.
         _say_platform(helpers=True)

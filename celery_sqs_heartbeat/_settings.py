@@ -1,10 +1,11 @@
 """The heartbeat's settings: defined, resolved for a task and validated here, once.
 
-Every setting is a Celery setting (``app.conf``) and, under the same name, a task
-option (``@app.task(sqs_heartbeat_interval=10)`` or ``task_annotations``): Celery
-turns both into attributes of the task class, so a task attribute overrides the
-configuration. :data:`SETTINGS` is the one definition; the reference table in
-``docs/configuration.md`` is checked against it by a test.
+Every setting is a Celery setting (``app.conf``) and, but the worker-wide
+``sqs_heartbeat_beat_process``, under the same name a task option
+(``@app.task(sqs_heartbeat_interval=10)`` or ``task_annotations``): Celery turns both
+into attributes of the task class, so a task attribute overrides the configuration.
+:data:`SETTINGS` is the one definition; the reference table in ``docs/configuration.md``
+is checked against it by a test.
 """
 
 from __future__ import annotations

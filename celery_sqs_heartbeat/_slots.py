@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import functools
 import itertools
 import mmap
 import os
@@ -51,8 +50,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
+from . import _liveness
 from ._heartbeat import STOP_WAIT
 from ._report import BLOCK_SIZE, shared_block
 
@@ -67,13 +67,6 @@ _ROBUST = 1
 
 _EMPTY, _RUNNING, _ENDED = 0, 1, 2
 _KEY_MASK = 2**64 - 1
-#: The states of /proc/<pid>/stat of a process that has exited: a zombie not yet reaped,
-#: and dead ('x' in Linux 2.6.33 to 3.13, 'X' since).
-_EXITED = frozenset("ZXx")
-#: The field of /proc/<pid>/stat after the command's ")" that holds the state (field 3),
-#: and the one that holds the start time (field 22, clock ticks since boot).
-_STATE, _STARTTIME = 0, 19
-
 #: Tests set this to pause a child inside its slot's write, with the lock held (the worst
 #: instant for a SIGKILL); None in use.
 pause_in_write: Callable[[], None] | None = None
@@ -90,7 +83,7 @@ class _Slot(ctypes.Structure):
         ("extending", ctypes.c_uint64),
         #: The pool process that uses the slot, written when it starts.
         ("pid", ctypes.c_int64),
-        #: Which process of that PID (:func:`_identity`), written with it: a later process
+        #: Which process of that PID (:func:`_liveness.identity`), written with it: a later process
         #: that reuses the PID cannot have the same.
         ("identity", ctypes.c_uint64),
         ("started", ctypes.c_double),
@@ -147,135 +140,6 @@ class SlotsBroken(OSError):
     way out, as another process may hold it or be about to take it. The slot stays
     broken for every process that maps it; its ``errno`` is the libc's.
     """
-
-
-class _Stat(NamedTuple):
-    """What /proc/<pid>/stat says of a process."""
-
-    state: str
-    #: Clock ticks since boot: with the PID, no two processes share it.
-    start: int
-
-
-def _stat(pid: int | str) -> _Stat | None:
-    """/proc/<pid>/stat of process *pid* ("self": this one), or None if it has none.
-    Any other failure (``EMFILE``: out of file descriptors) raises ``OSError``: not
-    being able to look is no proof that a process is gone."""
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    try:
-        text = os.read(fd, 4096)  # one read: the kernel writes the line whole
-    except ProcessLookupError:  # ESRCH: it exited in between
-        return None
-    finally:
-        os.close(fd)
-    # The command, in parentheses, may hold spaces and ")": the fields follow the last.
-    fields = text[text.rfind(b")") + 2 :].split()
-    try:
-        return _Stat(fields[_STATE].decode(), int(fields[_STARTTIME]))
-    except (IndexError, ValueError, UnicodeDecodeError):
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class _Platform:
-    """How this machine lets the main process see that a pool process is alive."""
-
-    #: ``os.pidfd_open`` works (Linux 5.3 and later, unless a seccomp profile refuses it).
-    pidfd: bool
-    #: /proc/self/stat is this process's: a process's start time can be read.
-    proc: bool
-
-
-@functools.cache
-def _platform() -> _Platform:
-    """Probed once: a fact of the machine, the same in every process forked from this."""
-    try:
-        os.close(os.pidfd_open(os.getpid()))
-        pidfd = True
-    except (AttributeError, OSError):
-        pidfd = False
-    try:
-        own = _stat("self")
-        # /proc mounted for another PID namespace shows someone else under our PID (or
-        # no /proc/self at all): its start times would not be our children's.
-        theirs = _stat(os.getpid())
-    except OSError:
-        own = theirs = None
-    proc = own is not None and theirs is not None and own.start == theirs.start
-    return _Platform(pidfd=pidfd, proc=proc)
-
-
-def platform_report() -> list[str]:
-    """How this machine tells a pool process's liveness less exactly than it could, one
-    line each, for the worker to say once at its start; empty when nothing is amiss."""
-    platform = _platform()
-    lines = []
-    if not platform.pidfd:
-        lines.append(
-            "no pidfd (a kernel before 5.3, or a seccomp profile that refuses pidfd_open): "
-            "a pool process's liveness is read at each beat"
-            + (" from /proc" if platform.proc else "")
-        )
-    if not platform.proc:
-        lines.append(
-            "/proc unreadable (or another PID namespace's): "
-            + (
-                "a pool process's pidfd is not checked against its start time, so a process "
-                "that took a dead child's PID before its first beat looks alive"
-                if platform.pidfd
-                else "liveness from kill(pid, 0), so a dead pool process not yet reaped, "
-                "or a process that took a dead one's PID, looks alive"
-            )
-        )
-    return lines
-
-
-#: An identity that could not be read: the start time is not checked.
-_UNKNOWN = 0
-
-
-def _identity(pid: int, proc: bool) -> int:
-    """Which process of PID *pid* (the caller) it is, for as long as it lives: with
-    /proc (*proc*), its start time, which the main process checks the process at the
-    PID against; without, the time it attached (CLOCK_MONOTONIC, ns): no later process
-    of the PID attaches at the same instant, but it is only a key, with nothing to
-    check against. :data:`_UNKNOWN` where /proc could not be read just now."""
-    if proc:
-        try:
-            stat = _stat(pid)
-        except OSError:  # EMFILE: nothing to check against, but no reason to be dead
-            return _UNKNOWN
-        return _UNKNOWN if stat is None else stat.start
-    return time.monotonic_ns()
-
-
-#: What :func:`_is_still` read when /proc could not be read.
-_UNREAD = _Stat("", -1)
-
-
-def _is_still(pid: int, identity: int, proc: bool) -> bool:
-    """Whether process *pid* has not exited (a zombie has) and is still the one that
-    attached as *identity*; without /proc (*proc*), or where it cannot be read just now
-    (``EMFILE``), whether some process of ours has that PID."""
-    if proc:
-        try:
-            stat = _stat(pid)
-        except OSError:
-            stat = _UNREAD
-        if stat is not _UNREAD:
-            return (
-                stat is not None
-                and stat.state not in _EXITED
-                and identity in (_UNKNOWN, stat.start)
-            )
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):  # PermissionError: not our child
-        return False
-    return True
 
 
 def _check(result: int, call: str, error: type[OSError] = OSError) -> None:
@@ -353,7 +217,7 @@ class Slots:
         self._pidfds_lock = threading.Lock()
         #: Whether /proc tells processes apart: probed here, before the fork, so that
         #: the children inherit the answer.
-        self._proc = _platform().proc
+        self._proc = _liveness.probe().proc
 
     def counter_blocks(self, slot: int | None, *, beat: bool = False) -> tuple[Any, list[Any]]:
         """The block of counters that the main process (*slot* None), the task in *slot*
@@ -399,7 +263,7 @@ class Slots:
         """A pool process with id *pid* (the caller itself) starts using slot *index*:
         whatever the process before it left there (killed in the middle of a task) has
         ended. It writes its identity too, read now: once per process, not per task."""
-        identity = _identity(pid, self._proc)
+        identity = _liveness.identity(pid, self._proc)
         with self._locked(index) as slot:
             if slot.state == _RUNNING:
                 slot.previous, slot.state = slot.key, _ENDED
@@ -553,8 +417,8 @@ class Slots:
         except ProcessLookupError:
             return False
         except (AttributeError, OSError):  # no pidfd here (ENOSYS; a seccomp's EPERM)
-            return _is_still(pid, identity, self._proc)
-        if not _is_still(pid, identity, self._proc):  # a zombie; the PID another's already
+            return _liveness.is_still(pid, identity, self._proc)
+        if not _liveness.is_still(pid, identity, self._proc):  # a zombie; the PID another's already
             os.close(opened)
             return False
         with self._pidfds_lock:

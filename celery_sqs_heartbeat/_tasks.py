@@ -29,6 +29,13 @@ from ._sidecar import Sidecar
 from ._slots import Slots, key_of
 
 
+def acks_late(task: Any) -> bool:
+    """Whether Celery acknowledges *task*'s message only after it ran. Without that it
+    deletes the message as the task starts: nothing is left to beat or extend, so the
+    task gets no slot and no handle (``current()`` is None)."""
+    return bool(getattr(task, "acks_late", False))
+
+
 class Tasks(Protocol):
     """What the tasks running in a process tell the beats."""
 
@@ -85,7 +92,7 @@ class SidecarTasks:
 
     def started(self, task: Any, task_id: str) -> None:
         sidecar = self._sidecar()
-        if sidecar is None:
+        if sidecar is None or not acks_late(task):
             return
         handle = receipt_handle(task.request)
         if handle is not None and sidecar.run(handle):
@@ -140,7 +147,7 @@ class SlotTasks:
     def started(self, task: Any, task_id: str) -> None:
         request = task.request
         handle = receipt_handle(request)
-        if handle is None or not self._enabled(task):
+        if handle is None or not self._enabled(task) or not acks_late(task):
             return
         try:
             index = self.free.pop()

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from celery_sqs_heartbeat import _slots
+from celery_sqs_heartbeat import _liveness, _slots
 from celery_sqs_heartbeat._slots import Slots, key_of
 
 pytestmark = pytest.mark.timeout(30)
@@ -93,9 +93,7 @@ def test_a_new_child_with_a_dead_childs_pid_is_alive(monkeypatch: pytest.MonkeyP
     with child_process() as old:
         real_pidfd_open = os.pidfd_open
         monkeypatch.setattr(os, "pidfd_open", lambda _pid, flags=0: real_pidfd_open(old))
-        monkeypatch.setattr(
-            _slots, "_stat", lambda _pid: _slots._Stat("S", FAKE_START), raising=False
-        )
+        monkeypatch.setattr(_liveness, "read_stat", lambda _pid: _liveness.Stat("S", FAKE_START))
         slots.attach(0, pid)  # the old child
         slots.started(0, key_of("first"))
         view = slots.begin(key_of("first"), 0)
@@ -117,7 +115,7 @@ def test_a_pid_that_names_another_process_now_is_dead(
     """The child died and its PID went to another process before the first beat: the
     process at the PID is alive, but it is not the one that attached."""
     slots = Slots(1)
-    monkeypatch.setattr(_slots, "_stat", lambda _pid: _slots._Stat("S", FAKE_START), raising=False)
+    monkeypatch.setattr(_liveness, "read_stat", lambda _pid: _liveness.Stat("S", FAKE_START))
     slots.attach(0, os.getpid())  # the child that died, as it attached
     monkeypatch.undo()
     if not pidfd:
@@ -172,9 +170,7 @@ def test_a_process_we_may_not_signal_is_dead_and_leaves_no_beat_in_flight(
 ) -> None:
     """No pidfds and no /proc: kill(pid, 0) is all there is, and its EPERM says the PID
     is another user's process now, not our child."""
-    monkeypatch.setattr(
-        _slots, "_platform", lambda: _slots._Platform(pidfd=False, proc=False), raising=False
-    )
+    monkeypatch.setattr(_liveness, "probe", lambda: _liveness.Platform(pidfd=False, proc=False))
     slots = Slots(1)
     slots.attach(0, os.getpid())
     slots.started(0, RH)
@@ -215,7 +211,7 @@ def test_a_command_with_parentheses_and_spaces_is_read_right() -> None:
             comm.write("a) b (c) 9 9")
 
     with child_process(rename) as pid:
-        stat, own = _slots._stat(pid), _slots._stat(os.getpid())
+        stat, own = _liveness.read_stat(pid), _liveness.read_stat(os.getpid())
     assert stat is not None and own is not None
     assert stat.state in ("R", "S")
     assert stat.start >= own.start  # the child started after this process
@@ -300,7 +296,7 @@ def test_many_threads_beating_while_the_pidfds_are_pruned(monkeypatch: pytest.Mo
     slots = Slots(capacity)
     watched, unwritten = os.pipe()  # never readable: every process is alive
     monkeypatch.setattr(os, "pidfd_open", lambda _pid, flags=0: os.dup(watched))
-    monkeypatch.setattr(_slots, "_stat", lambda _pid: _slots._Stat("S", FAKE_START), raising=False)
+    monkeypatch.setattr(_liveness, "read_stat", lambda _pid: _liveness.Stat("S", FAKE_START))
     pids = iter(range(10_000_000, 20_000_000))  # above any pid_max: no real process
     next_pid = threading.Lock()
 
@@ -367,23 +363,23 @@ def run_threads(targets: list[Callable[[], Any]]) -> list[BaseException]:
 def test_the_platform_report_says_what_liveness_lacks(
     monkeypatch: pytest.MonkeyPatch, pidfd: bool, proc: bool, said: list[str]
 ) -> None:
-    monkeypatch.setattr(_slots, "_platform", lambda: _slots._Platform(pidfd=pidfd, proc=proc))
-    lines = _slots.platform_report()
+    monkeypatch.setattr(_liveness, "probe", lambda: _liveness.Platform(pidfd=pidfd, proc=proc))
+    lines = _liveness.platform_report()
     assert len(lines) == len(said)
     assert all(word in line for word, line in zip(said, lines, strict=True))
 
 
 def test_the_platform_probe_matches_this_machine() -> None:
     """The probe's answer is what the checks themselves meet here."""
-    platform = _slots._platform()
+    platform = _liveness.probe()
     try:
         os.close(os.pidfd_open(os.getpid()))
         pidfd = True
     except (AttributeError, OSError):
         pidfd = False
     assert platform.pidfd is pidfd
-    assert platform.proc is (_slots._stat("self") is not None)
-    assert isinstance(_slots.platform_report(), list)
+    assert platform.proc is (_liveness.read_stat("self") is not None)
+    assert isinstance(_liveness.platform_report(), list)
 
 
 def test_a_child_is_not_dead_because_no_file_can_be_opened(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -316,3 +316,36 @@ def test_the_beat_process_setting_is_validated(app: Celery) -> None:
     app.conf.sqs_heartbeat_beat_process = "yes"
     with pytest.raises(SystemExit, match="sqs_heartbeat_beat_process='yes'"):
         start_worker(app)
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads-beat-process", "threads"])
+def test_a_task_without_acks_late_gets_no_handle(app: Celery, pool: str) -> None:
+    """Celery deletes its message as it starts: nothing is left to extend, so
+    ``current()`` is None in every shape of the task side, and no slot is taken."""
+    app.conf.sqs_heartbeat_beat_process = pool == "threads-beat-process"
+
+    @app.task(name="signals.early", acks_late=False)
+    def early() -> None: ...
+
+    start_worker(app, pool=pool.partition("-")[0])
+    main = _process.role()
+    if pool == "prefork":
+        assert isinstance(main, _roles.Main) and main.slots is not None
+        _process.become(_roles.Child(main, main.slots, 0))
+    elif pool == "threads":
+        assert isinstance(main, _roles.Main)
+        main.local.start()
+    early.push_request(
+        id="t1",
+        is_eager=False,
+        properties={"delivery_tag": "rh-early", "delivery_info": {"sqs_queue": QUEUE}},
+    )
+    try:
+        signals.task_prerun.send(sender=early, task_id="t1", task=early)
+        assert _handlers.current(early) is None
+        tasks = _process.role().tasks
+        assert not getattr(tasks, "running", None)
+        signals.task_postrun.send(sender=early, task_id="t1", task=early)
+    finally:
+        early.pop_request()
+        main.shutdown()
