@@ -79,14 +79,14 @@ PROCESSES: dict[str, dict[str, Any]] = {
     "threads": {
         "title": "Threads, solo, gevent or eventlet worker",
         "beat": (
-            "beat process",
+            "heartbeat process",
             "_beat/serve.py",
             [("runs a sidecar", "_sidecar"), ("its calls to SQS", "_send")],
         ),
         "keeper": (
             "keeper process",
             "_beat/keeper.py",
-            [("forks the beat process and supervises it", "")],
+            [("forks the heartbeat process and supervises it", "")],
         ),
         "main": (
             "main process",
@@ -97,15 +97,18 @@ PROCESSES: dict[str, dict[str, Any]] = {
                 ("the link thread", "_beat/link.py"),
             ],
         ),
-        "wire": ("a socket pair, typed messages: main ↔ keeper ↔ beat process", "_beat/wire.py"),
-        "slots": ("the slots: the tasks write them, the beat process reads them", "_slots"),
+        "wire": (
+            "a socket pair, typed messages: main ↔ keeper ↔ heartbeat process",
+            "_beat/wire.py",
+        ),
+        "slots": ("the slots: the tasks write them, the heartbeat process reads them", "_slots"),
     },
     "beats": {
         "title": "One interface beats, in every worker",
         "interface": ("the thing that beats", "_beats.Beats"),
         "implemented": [
             ("the sidecar, in a prefork main process", "_sidecar"),
-            ("the beat process's link, in the others", "_beat/link.py"),
+            ("the heartbeat process's link, in the others", "_beat/link.py"),
         ],
         "users": [("the shutdown drain", "_drain"), ("the roles", "_roles")],
         "celery": ("Celery's internals are read in one module", "_celery"),
@@ -346,7 +349,7 @@ def processes(spec: dict[str, dict[str, Any]] = PROCESSES) -> str:
         "The processes of a worker and the seams between them",
         "A prefork worker: a main process that beats, pool children that run the tasks, "
         "and the slots between them. A threads, solo, gevent or eventlet worker: a main "
-        "process that runs the tasks, a keeper and a beat process, joined by a socket pair "
+        "process that runs the tasks, a keeper and a heartbeat process, joined by a socket pair "
         "and the slots. Below, the one interface both beat through.",
     )
     pre, thr, beats = spec["prefork"], spec["threads"], spec["beats"]
@@ -376,7 +379,7 @@ def processes(spec: dict[str, dict[str, Any]] = PROCESSES) -> str:
     svg.line([(kids_x, y + h - 14), (main_x + main_w + 2, y + h - 14)], stroke=SEAM, head="seam")
     y += h + 22
 
-    # The threads worker: SQS | beat process | keeper | main process.
+    # The threads worker: SQS | heartbeat process | keeper | main process.
     svg.text(20, y + 14, [str(thr["title"])], size=15, anchor="start", weight="bold")
     wire_text, wire_module = thr["wire"]
     y += 34

@@ -11,8 +11,8 @@ interleaved round by round so that machine drift hits all alike:
   The task is shorter than one interval, so no call;
 * heartbeat, prefork child: the two handlers a pool child runs (its slot's writes; the
   receipt is the main process's);
-* heartbeat, beat process: the three handlers of a threads (solo, green) worker whose
-  beats come from its beat process (the default): the message handed to that process
+* heartbeat, heartbeat process: the three handlers of a threads (solo, green) worker whose
+  beats come from its heartbeat process (the default): the message handed to that process
   at receipt, its task's slot written at start and end;
 * naive: a hand-written heartbeat that starts one thread per task at prerun and stops
   and joins it at postrun;
@@ -153,7 +153,7 @@ def run() -> dict[str, Any]:
         "baseline": [],
         "heartbeat": [],
         "child": [],
-        "beat_process": [],
+        "heartbeat_process": [],
         "naive": [],
         "dispatch": [],
     }
@@ -165,7 +165,7 @@ def run() -> dict[str, Any]:
     for sig, fn in _handlers._HANDLERS:
         sig.disconnect(fn, dispatch_uid=f"celery_sqs_heartbeat.{fn.__name__}")
     delegating = _roles.for_worker(_Worker(app=app, pool_cls="threads", concurrency=1, options={}))
-    app.conf.sqs_heartbeat_beat_process = False
+    app.conf.sqs_heartbeat_own_process = False
     threads = _roles.for_worker(_Worker(app=app, pool_cls="threads", concurrency=1, options={}))
     prefork = _roles.for_worker(_Worker(app=app, pool_cls="prefork", concurrency=1, options={}))
     assert isinstance(threads, _roles.Main) and isinstance(prefork, _roles.Main)
@@ -176,7 +176,7 @@ def run() -> dict[str, Any]:
     arms: dict[str, tuple[Any, list[tuple[Any, Any]]]] = {
         "heartbeat": (threads, handlers),
         "child": (child, handlers[1:]),
-        "beat_process": (delegating, handlers),
+        "heartbeat_process": (delegating, handlers),
         "naive": (None, [(SIGNALS[1], naive.prerun), (SIGNALS[2], naive.postrun)]),
         "dispatch": (None, [(sig, _nothing) for sig in SIGNALS]),
     }
@@ -232,8 +232,8 @@ def run() -> dict[str, Any]:
         "added_p99_us": added99,
         "child_added_p50_us": child50,
         "child_added_p99_us": p99["child"] - p99["baseline"],
-        "beat_added_p50_us": p50["beat_process"] - p50["baseline"],
-        "beat_added_p99_us": p99["beat_process"] - p99["baseline"],
+        "beat_added_p50_us": p50["heartbeat_process"] - p50["baseline"],
+        "beat_added_p99_us": p99["heartbeat_process"] - p99["baseline"],
         "naive_added_p50_us": naive50,
         "cheaper_than_naive": naive50 / added50 if added50 > 0 else float("inf"),
     }

@@ -33,15 +33,15 @@ OWN_OVER_DISPATCH_P50 = 2.0
 #: What the heartbeat may add to an idle prefork worker's processes (PSS, on minus off).
 MEMORY_LIMIT_MB = {"main": 3.0, "child": 1.0}
 #: What the heartbeat may add in all to a threads worker that has run 10,000 tasks: the
-#: sum of the PSS of all its processes, on minus off. This, not the beat process's or the
+#: sum of the PSS of all its processes, on minus off. This, not the heartbeat process's or the
 #: keeper's private pages, is what the machine pays: those rows are informational.
 AGED_ADDED_MB = 12.0
 #: Throughput, heartbeat on / off: the median of the rounds per arm
 #: (benchmarks/workers.py, THROUGHPUT_ROUNDS) may not fall below this.
 THROUGHPUT_RATIO = 0.97
 #: How late a beat may be at the 99th percentile in a threads worker with 8 spinning
-#: tasks, its beats from the beat process.
-BEAT_PROCESS_P99_MS = 100
+#: tasks, its beats from the heartbeat process.
+HEARTBEAT_PROCESS_P99_MS = 100
 #: The "one huge queue timeout" alternative, for comparison.
 HUGE_TIMEOUT = 2 * 3600
 
@@ -52,7 +52,9 @@ def _ok(passed: bool) -> str:
 
 def _p99_target(scenario: str) -> int:
     """The lateness target of a punctuality scenario, milliseconds."""
-    return BEAT_PROCESS_P99_MS if scenario == "threads, 8 spinning, beat process" else 1000
+    return (
+        HEARTBEAT_PROCESS_P99_MS if scenario == "threads, 8 spinning, heartbeat process" else 1000
+    )
 
 
 def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -78,7 +80,7 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             "",
         ),
         (
-            "1. Per-task overhead, p50 (a threads worker with its beat process: received, "
+            "1. Per-task overhead, p50 (a threads worker with its heartbeat process: received, "
             "prerun, postrun)",
             f"{o['beat_added_p50_us']:.1f} µs",
             "",
@@ -186,7 +188,7 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             )
         )
     for r in results["memory"]:
-        if r["process"] in ("beat process", "keeper"):
+        if r["process"] in ("heartbeat process", "keeper"):
             rows.append(
                 (
                     f"6. Memory of a threads worker's {r['process']}, private (PSS)",
@@ -289,9 +291,9 @@ How each figure is measured:
    `task_prerun`, `task_postrun`, pop), {overhead.ROUNDS} rounds of {overhead.PER_ROUND}
    per arm, arms interleaved: no receivers, this package in a threads worker's main
    process beating from a thread of its own (all three handlers;
-   `sqs_heartbeat_beat_process = False`), this package's two handlers in a prefork pool
-   child (the slot's writes), the three handlers of a threads worker with its beat
-   process (the default: the message sent to the beat process, the slot's writes), a
+   `sqs_heartbeat_own_process = False`), this package's two handlers in a prefork pool
+   child (the slot's writes), the three handlers of a threads worker with its heartbeat
+   process (the default: the message sent to the heartbeat process, the slot's writes), a
    thread per task, and three empty receivers (Celery's dispatch alone). The handlers'
    own time (of the first arm) is timed where Celery calls them. The target is that own
    time against the dispatch of the same run (at most {OWN_OVER_DISPATCH_P50:g}x at the
@@ -305,23 +307,23 @@ How each figure is measured:
 4. Punctuality: interval 1 s, window 4 s; tasks spin in pure Python (threads of one
    worker, or prefork children); lateness is from each beat's due time to SQS's answer,
    from the heartbeat's own `beat_sent` signal, in a fresh worker. The threads worker
-   beats from its beat process (the default), and, for comparison, from a thread of its
+   beats from its heartbeat process (the default), and, for comparison, from a thread of its
    own process. No interpreter-wide setting is changed.
 5. Scale: 5,000 in-flight messages (50 queues of 100) heartbeated by one process, registered
    evenly over the first interval; memory by `tracemalloc`, CPU from `/proc`.
 6. Memory: an idle prefork worker (`-c 4`, {workers.MEMORY_SETTLE_SECONDS:g} s after it is
    ready), heartbeat off then on, against the same server; PSS from
    `/proc/PID/smaps_rollup` of the main process and (the mean of) its pool children.
-   Then the beat process of a threads worker (`-c 4`), {workers.MEMORY_SETTLE_SECONDS:g} s
+   Then the heartbeat process of a threads worker (`-c 4`), {workers.MEMORY_SETTLE_SECONDS:g} s
    after it beat one task's message: its private pages (clean and dirty) and its PSS.
    Its private share grows as the worker's own garbage collector writes to the pages the
    two processes share after the fork, towards its PSS in a long-running worker. The
    keeper is measured the same way. Last, a threads worker (`-c 4`) heartbeat off, then
    on, each runs {workers.AGED_TASKS:,} no-op tasks (rounds of {workers.AGED_ROUND:,},
    against moto in a process of its own): the sum of the PSS of all its processes
-   (the worker, the keeper, the beat process) when it is ready and after the tasks.
+   (the worker, the keeper, the heartbeat process) when it is ready and after the tasks.
    Over a tree of forks that sum counts each page once: on minus off is what the
-   heartbeat costs the machine, and the target; the private pages of the beat process
+   heartbeat costs the machine, and the target; the private pages of the heartbeat process
    and the keeper are informational.
 
 ## Charts

@@ -268,11 +268,11 @@ PUNCTUALITY_WINDOW = 4
 
 
 #: The punctuality figure's workers: pool, spinning tasks, and where the beats come from
-#: in a threads worker (its beat process, the default, or a thread of its own process).
+#: in a threads worker (its heartbeat process, the default, or a thread of its own process).
 PUNCTUALITY_ARMS = (
-    ("threads", 1, "beat process"),
-    ("threads", 4, "beat process"),
-    ("threads", 8, "beat process"),
+    ("threads", 1, "heartbeat process"),
+    ("threads", 4, "heartbeat process"),
+    ("threads", 8, "heartbeat process"),
     ("threads", 8, "in-process"),
     ("prefork", 8, ""),
 )
@@ -288,7 +288,7 @@ def punctuality(bench: Bench, seconds: float = 10.0) -> dict[str, Any]:
             worker_prefetch_multiplier=1,
             sqs_heartbeat_interval=PUNCTUALITY_INTERVAL,
             sqs_heartbeat_visibility_timeout=PUNCTUALITY_WINDOW,
-            sqs_heartbeat_beat_process=beats_from != "in-process",
+            sqs_heartbeat_own_process=beats_from != "in-process",
         )
         conf["broker_transport_options"]["visibility_timeout"] = 3
         events = bench.tmp / f"{queue}.jsonl"
@@ -374,11 +374,11 @@ def memory(bench: Bench) -> list[dict[str, Any]]:
             )
         finally:
             worker.stop()
-    return rows + beat_process_memory(bench)
+    return rows + heartbeat_process_memory(bench)
 
 
-def beat_process_memory(bench: Bench) -> list[dict[str, Any]]:
-    """Private memory and PSS of an idle threads worker's beat process, after it beat a
+def heartbeat_process_memory(bench: Bench) -> list[dict[str, Any]]:
+    """Private memory and PSS of an idle threads worker's heartbeat process, after it beat a
     message (its SQS client made and used), and of the keeper that forked it."""
     queue = f"mem-{uuid.uuid4().hex[:8]}"
     conf = _conf(queue, True, sqs_heartbeat_interval=1, sqs_heartbeat_visibility_timeout=4)
@@ -397,7 +397,7 @@ def beat_process_memory(bench: Bench) -> list[dict[str, Any]]:
                 "pss_mb": _pss_mb(pid),
                 "private_mb": _private_mb(pid),
             }
-            for process, pid in (("beat process", beats), ("keeper", keeper))
+            for process, pid in (("heartbeat process", beats), ("keeper", keeper))
         ]
     finally:
         worker.stop()
@@ -423,7 +423,7 @@ def aged_memory(
     bench: Bench, tasks: int = AGED_TASKS, arms: tuple[bool, ...] = (False, True)
 ) -> dict[str, Any]:
     """What the heartbeat adds to a threads worker (-c 4) that has run *tasks* no-op
-    tasks: the sum of the PSS of all its processes (the worker, the keeper, the beat
+    tasks: the sum of the PSS of all its processes (the worker, the keeper, the heartbeat
     process), heartbeat on minus the same worker with it off. The sum of PSS over a
     tree of forks counts each physical page once, so the difference is what the
     heartbeat costs the machine, shared pages included."""

@@ -13,7 +13,7 @@ Switch it on with one Celery setting::
 
 Workers started with the ``celery`` command load the package by themselves (it is a
 ``celery`` command plugin). Workers started from Python call :func:`install` first.
-Every setting but the worker-wide ``sqs_heartbeat_beat_process`` can be overridden
+Every setting but the worker-wide ``sqs_heartbeat_own_process`` can be overridden
 per task, under the same name, with ``@app.task(sqs_heartbeat_interval=10)`` or
 ``task_annotations``.
 """

@@ -1,5 +1,5 @@
 """The thing that beats: one interface for the sidecar of this process's own and for
-the beat process, so that the roles and the shutdown's drain never ask which it is.
+the heartbeat process, so that the roles and the shutdown's drain never ask which it is.
 """
 
 from __future__ import annotations

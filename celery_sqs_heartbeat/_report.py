@@ -65,7 +65,7 @@ class Counters:
     ``started`` and ``stopped`` are counted by the sidecar, under its own lock, as it adds
     heartbeats to its registry and drops them (once per message: no second lock on the
     per-task path); the others by :class:`Reporter`, under the lock here. A worker with a
-    beat process counts ``started`` itself, under the lock here, as it receives each
+    heartbeat process counts ``started`` itself, under the lock here, as it receives each
     message: whichever process beats it then, the count is one.
     """
 
@@ -157,7 +157,7 @@ def _common(hb: Heartbeat) -> dict[str, Any]:
 
 
 class Reports(Protocol):
-    """Where a sidecar reports its heartbeats' events: a :class:`Reporter`, or the beat
+    """Where a sidecar reports its heartbeats' events: a :class:`Reporter`, or the heartbeat
     process's forwarder to the worker's (``_beat.serve``)."""
 
     counters: Counters

@@ -2,14 +2,14 @@
 
 A role is built at a named signal and replaced whole at fork (``_process``), so no
 handler asks which pool or process it runs in. Each composes two parts: what beats
-(``_beats``: a sidecar of its own, or the beat process) and the task side (``_tasks``).
+(``_beats``: a sidecar of its own, or the heartbeat process) and the task side (``_tasks``).
 
 =====================  ===========================  ==================================
 role                   beats                        tasks
 =====================  ===========================  ==================================
 :class:`Main`          a sidecar of its own         tell that sidecar (a pool that is
                                                     not prefork, beats shared)
-:class:`Delegating`    the beat process (``_beat``)  write a slot each
+:class:`Delegating`    the heartbeat process (``_beat``)  write a slot each
 :class:`Child`         none (the main process's)    write its slot
 ``Role``, ``NotSQS``   none                         none
 =====================  ===========================  ==================================
@@ -25,7 +25,7 @@ import math
 from typing import Any
 
 from . import _celery
-from ._beat import BeatProcess, supported, warm_up
+from ._beat import HeartbeatProcess, supported, warm_up
 from ._beats import LocalBeats
 from ._client import BrokerInfo
 from ._guard import note_once
@@ -36,8 +36,8 @@ from ._send import Sender
 from ._settings import (
     ConfigurationError,
     HeartbeatOptions,
-    beat_process,
     enabled_tasks,
+    heartbeat_process,
     resolve_tasks,
 )
 from ._sidecar import Sidecar
@@ -47,8 +47,8 @@ from ._tasks import SidecarTasks, SlotTasks, make_clients
 
 logger = logging.getLogger("celery_sqs_heartbeat")
 
-#: How many of the last tasks to end a worker with a beat process remembers in its slots
-#: (32 KB): the beat process knows their messages' tasks ended after their slot moved on,
+#: How many of the last tasks to end a worker with a heartbeat process remembers in its slots
+#: (32 KB): the heartbeat process knows their messages' tasks ended after their slot moved on,
 #: until the worker tells it that Celery settled them (within a fifth of a second).
 ENDED_RING = 4096
 
@@ -66,7 +66,7 @@ def _say_platform(*, helpers: bool) -> None:
     lines = platform_report()
     if helpers and not can_die_with_parent():
         lines.append(
-            "no PR_SET_PDEATHSIG (not Linux): the keeper and the beat process notice the "
+            "no PR_SET_PDEATHSIG (not Linux): the keeper and the heartbeat process notice the "
             "worker's death at their next look (within 0.2 s), not at once"
         )
     for line in lines:
@@ -124,7 +124,7 @@ class Main(Role):
         self.slots = slots
         #: A prefork pool without slots (no robust mutexes here).
         self.unfenced = unfenced
-        #: In another pool, why the beats share the tasks' process (no beat process).
+        #: In another pool, why the beats share the tasks' process (no heartbeat process).
         self.shared = shared
         if slots is not None:
             self.counters = Counters(*slots.counter_blocks(None))
@@ -205,7 +205,7 @@ class Child(Role):
 
 class Delegating(Role):
     """The main process of a threads, solo, gevent or eventlet worker whose beats come
-    from its beat process (``_beat``): it hands the beat process every message it
+    from its heartbeat process (``_beat``): it hands the heartbeat process every message it
     receives, and each task writes a slot, as a prefork child does."""
 
     def __init__(self, app: Any, options: dict[str, HeartbeatOptions], slots: Slots) -> None:
@@ -217,9 +217,9 @@ class Delegating(Role):
         broker = BrokerInfo.from_app(app)
         assert broker is not None
         self.reporter = Reporter(self.counters, region=broker.region)
-        #: kombu's botocore data loader, which the beat process's client shares.
+        #: kombu's botocore data loader, which the heartbeat process's client shares.
         self.loader: Any = None
-        self.beat_process = BeatProcess(
+        self.heartbeat_process = HeartbeatProcess(
             slots,
             self.reporter,
             lambda: make_clients(app, options, self.loader, warm=False),
@@ -227,7 +227,7 @@ class Delegating(Role):
             margin=_margin(options),
             fallback=self._beat_here,
         )
-        self.beats = self.beat_process
+        self.beats = self.heartbeat_process
         self.tasks = SlotTasks(app, options, slots, range(slots.capacity))
 
     def received(self, request: Any) -> None:
@@ -237,22 +237,22 @@ class Delegating(Role):
 
     def ready(self, consumer: Any) -> None:
         # Forked now: the consumer has connected, so kombu's client has parsed the SQS
-        # models and the beat process's client shares them (about 9 MB less
+        # models and the heartbeat process's client shares them (about 9 MB less
         # than a fork at worker_init), and the pool has started no thread yet. A
         # message received before is sent to it then.
         _say_platform(helpers=True)
         self.loader = _celery.kombu_loader(consumer)
-        beats = self.beat_process
+        beats = self.heartbeat_process
         beats.green = _celery.is_green(consumer)
         try:
             beats.spawn(level=logger.getEffectiveLevel())
         except OSError as exc:
-            beats.fall_back(f"no beat process could be started: {exc}")
+            beats.fall_back(f"no heartbeat process could be started: {exc}")
         beats.start()  # its link thread says which process beats, once it does
 
     def _beat_here(self, why: str) -> Sidecar:
-        """The fallback, where no beat process can be made or kept: a sidecar of this
-        process's own, fenced by the slots its tasks write, as the beat process was."""
+        """The fallback, where no heartbeat process can be made or kept: a sidecar of this
+        process's own, fenced by the slots its tasks write, as the heartbeat process was."""
         clients = make_clients(self.app, self.options, self.loader, warm=False)
         warm_up(clients, "the worker")
         sidecar = Sidecar(
@@ -262,7 +262,7 @@ class Delegating(Role):
             fence=self.slots,
         )
         sidecar.run_in_background()
-        _say_shared(why, green=self.beat_process.green, margin=_margin(self.options))
+        _say_shared(why, green=self.heartbeat_process.green, margin=_margin(self.options))
         return sidecar
 
 
@@ -271,7 +271,7 @@ def for_worker(worker: Any) -> Role:
     app = worker.app
     try:
         options = resolve_tasks(app)
-        separate = beat_process(app.conf)
+        separate = heartbeat_process(app.conf)
     except ConfigurationError as exc:
         # SystemExit is not an Exception: it stops the worker with status 1 and the
         # message on stderr (logging is not set up yet at worker_init).
@@ -284,7 +284,7 @@ def for_worker(worker: Any) -> Role:
         return (
             _delegating(worker, options)
             if separate
-            else Main(app, options, None, shared="sqs_heartbeat_beat_process is False")
+            else Main(app, options, None, shared="sqs_heartbeat_own_process is False")
         )
     if not available():
         return Main(app, options, None, unfenced=True)
@@ -296,11 +296,11 @@ def for_worker(worker: Any) -> Role:
 
 
 def _delegating(worker: Any, options: dict[str, HeartbeatOptions]) -> Role:
-    """A worker that beats from a beat process (forked at ``worker_ready``). Where none
+    """A worker that beats from a heartbeat process (forked at ``worker_ready``). Where none
     can be made, its own process beats, as it says at start."""
     app = worker.app
     if not (supported() and available()):
-        return Main(app, options, None, shared="this platform cannot run a beat process")
+        return Main(app, options, None, shared="this platform cannot run a heartbeat process")
     try:
         return Delegating(app, options, Slots(_celery.pool_size(worker), ended=ENDED_RING))
     except OSError as exc:  # robust mutexes that fail to initialise (qemu-user)

@@ -1,7 +1,7 @@
 """The heartbeat's settings: defined, resolved for a task and validated here, once.
 
 Every setting is a Celery setting (``app.conf``) and, but the worker-wide
-``sqs_heartbeat_beat_process``, under the same name a task option
+``sqs_heartbeat_own_process``, under the same name a task option
 (``@app.task(sqs_heartbeat_interval=10)`` or ``task_annotations``): Celery turns both
 into attributes of the task class, so a task attribute overrides the configuration.
 :data:`SETTINGS` is the one definition; the reference table in ``docs/configuration.md``
@@ -131,7 +131,7 @@ SETTINGS: tuple[Setting, ...] = (
         _parse_max_duration,
     ),
     Setting(
-        "sqs_heartbeat_beat_process",
+        "sqs_heartbeat_own_process",
         True,
         "bool (worker-wide)",
         "In the threads, solo, gevent and eventlet pools, send the beats from a small"
@@ -211,9 +211,9 @@ def resolve(conf: Any, task: Any | None = None) -> HeartbeatOptions:
     )
 
 
-def beat_process(conf: Any) -> bool:
-    """Whether the worker may beat from a beat process (``sqs_heartbeat_beat_process``)."""
-    name = "sqs_heartbeat_beat_process"
+def heartbeat_process(conf: Any) -> bool:
+    """Whether the worker may beat from a heartbeat process (``sqs_heartbeat_own_process``)."""
+    name = "sqs_heartbeat_own_process"
     value = conf.get(name, _BY_NAME[name].default)
     try:
         return bool(_parse_enabled(value))

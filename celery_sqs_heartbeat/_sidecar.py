@@ -136,7 +136,7 @@ class Sidecar:
         #: often, so a new message (whose first beat is an interval away) never has to
         #: wake it; a wake-up would cost Celery's thread a GIL hand-off.
         self._shortest = math.inf
-        #: The loop wakes at least this often anyway (the beat process's: its health is
+        #: The loop wakes at least this often anyway (the heartbeat process's: its health is
         #: judged by it, see :meth:`healthy`).
         self._wake_every = wake_every
         #: When the loop last began a turn (:meth:`healthy`).
@@ -153,7 +153,7 @@ class Sidecar:
 
     def add(self, hb: Heartbeat, *, counted: bool = True, told: bool = False) -> bool:
         """Begin beating *hb*'s message; False if it already has a heartbeat. Not
-        *counted*: the worker counted it as it received it (a worker with a beat
+        *counted*: the worker counted it as it received it (a worker with a heartbeat
         process). *told*: its start was reported already."""
         with self._lock:
             if hb.receipt_handle in self._beats:

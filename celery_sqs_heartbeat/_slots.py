@@ -169,7 +169,7 @@ def available() -> bool:
 
 class Slots:
     """The slots of one worker, mapped by its main process before the fork, after the
-    blocks of counters: one for the main process, one per slot, and one for the beat
+    blocks of counters: one for the main process, one per slot, and one for the heartbeat
     process (``_beat``) of a worker that has one."""
 
     def __init__(self, capacity: int, *, ended: int = 0) -> None:
@@ -180,7 +180,7 @@ class Slots:
         self._table = (_Slot * capacity).from_buffer(self._map, counters)
         #: With *ended*, the keys of the last *ended* tasks that ended, in any slot (a
         #: ring): where the beating process cannot ask Celery whether it settled a
-        #: message (a worker with a beat process), a task that ended is known as such
+        #: message (a worker with a heartbeat process), a task that ended is known as such
         #: after its slot has moved on. Written by the worker's task threads only.
         self._ended = (
             (ctypes.c_uint64 * ended).from_buffer(self._map, counters + table) if ended else None
@@ -221,7 +221,7 @@ class Slots:
 
     def counter_blocks(self, slot: int | None, *, beat: bool = False) -> tuple[Any, list[Any]]:
         """The block of counters that the main process (*slot* None), the task in *slot*
-        or the beat process (*beat*) writes, and the blocks it only reads."""
+        or the heartbeat process (*beat*) writes, and the blocks it only reads."""
         own = self.capacity + 1 if beat else 0 if slot is None else slot + 1
         return self._blocks[own], [b for i, b in enumerate(self._blocks) if i != own]
 
@@ -378,7 +378,7 @@ class Slots:
         )
 
     def forget_in_flight(self) -> None:
-        """A new beat process takes over: no beat of the one before is in flight any
+        """A new heartbeat process takes over: no beat of the one before is in flight any
         more (it died with them), so no ``task_postrun`` waits for them."""
         for index in range(self.capacity):
             with contextlib.suppress(SlotsBroken), self._locked(index) as slot:

@@ -1,5 +1,5 @@
 """The operating system's own calls for the worker's helper processes (the keeper and
-the beat process): fork, wait, poll and sleep past gevent's and eventlet's patches,
+the heartbeat process): fork, wait, poll and sleep past gevent's and eventlet's patches,
 dying with the parent, and reaping.
 
 A helper process must never wait on the worker's hub (gevent) or poll through it
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-#: The signals the keeper and the beat process ignore: the stops of the whole group
+#: The signals the keeper and the heartbeat process ignore: the stops of the whole group
 #: (systemd's default), and the ones Celery handles in the worker (SIGHUP restarts it).
 IGNORED_SIGNALS = tuple(
     getattr(signal, name)

@@ -4,9 +4,9 @@ ends, and the manual control (``current()``) of the task running in a thread.
 Two shapes, one interface (:class:`Tasks`), composed into a role (``_roles``):
 
 * :class:`SidecarTasks`, where the tasks share the process of the sidecar that beats
-  them (``sqs_heartbeat_beat_process = False``, or no beat process can be made);
+  them (``sqs_heartbeat_own_process = False``, or no heartbeat process can be made);
 * :class:`SlotTasks`, where the tasks run apart from what beats them (a prefork pool
-  child, or a worker whose beats come from its beat process): each task writes a slot
+  child, or a worker whose beats come from its heartbeat process): each task writes a slot
   (``_slots``), which the beating process reads before each beat.
 """
 
@@ -156,7 +156,7 @@ class SlotTasks:
                 "no-slot",
                 logging.WARNING,
                 "celery-sqs-heartbeat: more tasks run at once than the %d slots mapped at "
-                "start; the beat process beats the others' messages until Celery settles "
+                "start; the heartbeat process beats the others' messages until Celery settles "
                 "them.",
                 self.slots.capacity,
             )

@@ -17,10 +17,10 @@ task's own ``extend()``, below), and carries ``task_name``, ``task_id``,
 * ``heartbeat_stopped``: when the heartbeat next looks at the message after the task
   ended, usually once Celery has settled it (``"message settled"``), up to an interval
   after the end: in a prefork worker from its loop thread, in the other pools from the
-  thread that hands on the beat process's reports. With the beat process off,
+  thread that hands on the heartbeat process's reports. With the heartbeat process off,
   ``task_postrun`` in the task's thread (reason ``"task ended"``). Either way, when the
   heartbeat ends early (message gone, limits).
-* ``beat_sent``, ``beat_failed``, ``message_lost``: the heartbeat's threads (with a beat
+* ``beat_sent``, ``beat_failed``, ``message_lost``: the heartbeat's threads (with a heartbeat
   process, the worker's thread that hands on its reports); for a task's own
   ``extend()``, the task's thread (in a prefork pool child, in that child).
 

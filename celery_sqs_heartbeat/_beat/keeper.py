@@ -1,16 +1,16 @@
-"""The keeper: the worker's child that forks the beat process, watches it, and keeps
+"""The keeper: the worker's child that forks the heartbeat process, watches it, and keeps
 the set of messages it beats, so that it can replace it without the worker.
 
 It owns three things, each written by it alone:
 
-* the beat process: forked from the keeper (itself a fork of the quiet worker), and
+* the heartbeat process: forked from the keeper (itself a fork of the quiet worker), and
   forked again when it dies or stops ticking;
 * the held set: every message the worker handed over and has not said settled, minus
-  those the beat process said it ended. A replacement is handed all of them at once,
+  those the heartbeat process said it ended. A replacement is handed all of them at once,
   so it beats on even while every thread of the worker is starved (a task holding the
   GIL, a green task that never yields);
-* the commands on their way from the worker to the beat process: read at once, and
-  kept in a bounded backlog while the beat process does not read.
+* the commands on their way from the worker to the heartbeat process: read at once, and
+  kept in a bounded backlog while the heartbeat process does not read.
 
 The keeper runs nothing of the worker's and only calls the system, so it stays
 responsive whatever the worker does. It ticks to the worker, which kills and replaces
@@ -39,14 +39,14 @@ from .wire import MAX_PACKET, nonblocking, raw, send
 
 __all__ = ["GAVE_UP", "Setup", "hang_limit", "keep"]
 
-#: How often the keeper and the beat process tick, and how often the keeper looks at
-#: the beat process, in seconds.
+#: How often the keeper and the heartbeat process tick, and how often the keeper looks at
+#: the heartbeat process, in seconds.
 TICK = 0.2
-#: The bounds of how long a beat process may go without a tick before the keeper kills
+#: The bounds of how long a heartbeat process may go without a tick before the keeper kills
 #: it: never faster than a busy machine can be slow, never slower than a fifth of the
 #: default margin (120 - 30 s).
 HANG_MIN, HANG_MAX = 1.0, 15.0
-#: A beat process (or a fork of one) that dies sooner than this after its start is
+#: A heartbeat process (or a fork of one) that dies sooner than this after its start is
 #: forked again only after as long, so one that dies at once does not fork in a loop.
 RESPAWN_PAUSE = 1.0
 #: Beat processes in a row that die within :data:`QUICK_DEATH` of their start (or
@@ -57,13 +57,13 @@ QUICK_DEATH = 10.0
 GAVE_UP = 3
 #: How long a keeper that gave up tries to tell the worker why before it exits.
 LAST_WORD_WAIT = 1.0
-#: How long the keeper waits for the beat process to exit when the worker closes.
+#: How long the keeper waits for the heartbeat process to exit when the worker closes.
 EXIT_WAIT = 2.0
 _DONTWAIT = _socket.MSG_DONTWAIT
 
 
 def hang_limit(margin: float) -> float:
-    """How long a beat process may go without a tick: a quarter of the *margin*
+    """How long a heartbeat process may go without a tick: a quarter of the *margin*
     (window - interval), within :data:`HANG_MIN` and :data:`HANG_MAX`. Detection, a
     fork and the first beats then fit in the margin many times over."""
     return min(HANG_MAX, max(HANG_MIN, margin / 4))
@@ -73,7 +73,7 @@ class _WatchFields(ctypes.Structure):
     _fields_ = [
         #: When the keeper last turned (CLOCK_MONOTONIC, the same in every process).
         ("tick", ctypes.c_double),
-        #: The beat process it forked last (0: none now), and its start time.
+        #: The heartbeat process it forked last (0: none now), and its start time.
         ("beat", ctypes.c_int64),
         ("beat_start", ctypes.c_int64),
     ]
@@ -105,8 +105,8 @@ class Watch:
 
 class Setup(NamedTuple):
     """What the worker hands its keeper: its ends of the two socket pairs (commands in,
-    reports out), the shared watch, how long a beat process may go without a tick, and
-    the beat process's own life (``serve.serve``), given its end of the keeper's link
+    reports out), the shared watch, how long a heartbeat process may go without a tick, and
+    the heartbeat process's own life (``serve.serve``), given its end of the keeper's link
     and the reports."""
 
     commands: Any
@@ -123,17 +123,17 @@ class _Keeper:
         self.reports = raw(setup.reports)
         self.watch = setup.watch.fields
         self.worker = os.getppid()
-        #: Every message the beat process beats: receipt handle -> its add.
+        #: Every message the heartbeat process beats: receipt handle -> its add.
         self.held: dict[str, wire.Add] = {}
-        #: Commands the beat process has not read yet: (an add?, packet). Not bounded:
-        #: its adds are the held set's, and a beat process that does not read is killed.
+        #: Commands the heartbeat process has not read yet: (an add?, packet). Not bounded:
+        #: its adds are the held set's, and a heartbeat process that does not read is killed.
         self.backlog: collections.deque[tuple[bool, bytes]] = collections.deque()
         #: Reports to the worker that did not fit yet (a starved worker): sent in order.
         self.outgoing: collections.deque[bytes] = collections.deque()
         self.pid = 0
         self.link: Any = None
         self.started = self.last_tick = self.respawn_at = 0.0
-        #: The beat process before, how it ended, and when.
+        #: The heartbeat process before, how it ended, and when.
         self.old, self.how, self.died = 0, "", 0.0
         #: Beat processes in a row that died young (or could not be forked), and why the
         #: last one did.
@@ -178,7 +178,7 @@ class _Keeper:
         return GAVE_UP
 
     def _wait(self) -> bool:
-        """Wait up to a tick for a packet from the worker or the beat process, take it,
+        """Wait up to a tick for a packet from the worker or the heartbeat process, take it,
         and hand on what waits; False when the worker closed its end."""
         poll = self.poll()
         poll.register(self.commands.fileno(), _READABLE)
@@ -204,7 +204,7 @@ class _Keeper:
         self.backlog.append((isinstance(command, wire.Add), packet))
 
     def _flush(self) -> None:
-        """Hand the beat process what it has not read yet, as much as fits now."""
+        """Hand the heartbeat process what it has not read yet, as much as fits now."""
         while self.backlog and self.link is not None:
             if not send(self.link, self.backlog[0][1]):
                 return
@@ -221,10 +221,10 @@ class _Keeper:
             elif isinstance(report, wire.Done):
                 self.held.pop(report.receipt_handle, None)
 
-    # -- a beat process --------------------------------------------------------------
+    # -- a heartbeat process --------------------------------------------------------------
 
     def _start(self, now: float) -> None:
-        """Fork a beat process and hand it every held message."""
+        """Fork a heartbeat process and hand it every held message."""
         mine, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         nonblocking(mine)
         try:
@@ -232,7 +232,7 @@ class _Keeper:
         except OSError as exc:  # EAGAIN (pids.max, RLIMIT_NPROC), ENOMEM
             mine.close()
             theirs.close()
-            self._died_young(now, f"no beat process could be forked ({exc})")
+            self._died_young(now, f"no heartbeat process could be forked ({exc})")
             return
         if pid == 0:
             code = 1  # what an exception leaves: not "the worker closed its end"
@@ -256,13 +256,13 @@ class _Keeper:
         self._flush()
 
     def _died_young(self, now: float, why: str) -> None:
-        """One more beat process in a row lost at its start; the next waits a little."""
+        """One more heartbeat process in a row lost at its start; the next waits a little."""
         self.quick += 1
         self.why = why
         self.respawn_at = now + RESPAWN_PAUSE
 
     def _ended(self, how: str) -> None:
-        """The beat process is gone (reaped): another is forked at once, or after a
+        """The heartbeat process is gone (reaped): another is forked at once, or after a
         pause if it died within :data:`RESPAWN_PAUSE` of its start. Deaths and hangs
         within :data:`QUICK_DEATH` of the start count towards giving up."""
         now = time.monotonic()
@@ -273,14 +273,14 @@ class _Keeper:
         self.watch.beat = self.watch.beat_start = 0
         lived = now - self.started
         if lived < QUICK_DEATH:
-            self._died_young(now, f"the beat process {how} {lived:.1f} s after its start")
+            self._died_young(now, f"the heartbeat process {how} {lived:.1f} s after its start")
             if lived >= RESPAWN_PAUSE:
                 self.respawn_at = now
         else:
             self.quick, self.respawn_at = 0, now
 
     def _kill(self, now: float) -> None:
-        """The beat process stopped ticking (stopped, deadlocked, starved of its CPU):
+        """The heartbeat process stopped ticking (stopped, deadlocked, starved of its CPU):
         kill it, and fork another at once."""
         silent = now - self.last_tick
         with contextlib.suppress(ProcessLookupError):
@@ -289,7 +289,7 @@ class _Keeper:
         self._ended(f"stopped ticking for {silent:.1f} s and was killed")
 
     def _close(self) -> int:
-        """The worker closed its end (its shutdown): the beat process's end-of-file."""
+        """The worker closed its end (its shutdown): the heartbeat process's end-of-file."""
         if self.link is not None:
             self.link.close()
             self.link = None

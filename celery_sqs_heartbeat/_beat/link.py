@@ -1,8 +1,8 @@
-"""The worker's side of the beat process: it forks the keeper, feeds it what the worker
+"""The worker's side of the heartbeat process: it forks the keeper, feeds it what the worker
 receives, reads the reports, watches the keeper, and replaces it.
 
 Where no keeper can be kept it beats from the worker's own process instead, and says
-so. It owns the held set of the worker (every message the beat process beats, with
+so. It owns the held set of the worker (every message the heartbeat process beats, with
 Celery's message) and the worker's ends of the sockets. How the three processes fit,
 and what heals what: ``docs/how-it-works.md``.
 """
@@ -37,7 +37,7 @@ from . import keeper as _keeper
 from . import wire
 from .serve import Config, ask, serve
 
-__all__ = ["BeatProcess", "supported"]
+__all__ = ["HeartbeatProcess", "supported"]
 
 logger = logging.getLogger("celery_sqs_heartbeat")
 
@@ -52,10 +52,10 @@ RESPAWN_PAUSE = _keeper.RESPAWN_PAUSE
 EXIT_WAIT = 2.0
 #: The worker's link thread's name.
 LINK_THREAD = "celery-sqs-heartbeat-link"
-#: Messages handed back per question to the beat process: its answer (about 700 bytes
+#: Messages handed back per question to the heartbeat process: its answer (about 700 bytes
 #: a message) must fit one packet of the socket's buffer (about 200 KB).
 HAND_BACK_CHUNK = 100
-#: How long the shutdown's drain waits in all for the beat process to hand messages back,
+#: How long the shutdown's drain waits in all for the heartbeat process to hand messages back,
 #: and again to end their heartbeats: a few client time-outs.
 ASK_TIMEOUT = 15.0
 
@@ -76,7 +76,7 @@ class _Asked(NamedTuple):
 
 
 def supported() -> bool:
-    """Whether this platform can run a beat process (fork and packet sockets)."""
+    """Whether this platform can run a heartbeat process (fork and packet sockets)."""
     return hasattr(os, "fork") and hasattr(socket, "SOCK_SEQPACKET")
 
 
@@ -84,7 +84,7 @@ def _pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
-class BeatProcess:
+class HeartbeatProcess:
     """The worker's side: it forks the keeper, feeds it, watches it, and replaces it;
     where no keeper can be kept, it beats from the worker's own process (*fallback*)."""
 
@@ -104,13 +104,13 @@ class BeatProcess:
         #: The options of each task resolved at the worker's start, which the beat
         #: process inherits: a message's options are sent only when they differ.
         self._options = options
-        #: How long the keeper or a beat process may go without a tick.
+        #: How long the keeper or a heartbeat process may go without a tick.
         self.hang = _keeper.hang_limit(margin)
         #: Makes the sidecar of the worker's own process, given why it is needed.
         self._fallback = fallback
         #: That sidecar, once made: every message is beaten there from then on.
         self.local: Sidecar | None = None
-        #: The keeper, what it shows without a packet (its tick, its beat process), and
+        #: The keeper, what it shows without a packet (its tick, its heartbeat process), and
         #: the worker's ends of their socket pairs (commands: the C library's socket,
         #: so a send never waits), and those of keepers gone (:meth:`_retire`).
         self.keeper = 0
@@ -128,8 +128,8 @@ class BeatProcess:
         self._level = logging.NOTSET
         #: What any thread hands the link thread: a message received, or a question.
         self._inbox: queue.SimpleQueue[_Received | _Asked] = queue.SimpleQueue()
-        #: The link thread's own: every message the beat process beats, by receipt
-        #: handle, with Celery's message and the add the beat process was sent of it.
+        #: The link thread's own: every message the heartbeat process beats, by receipt
+        #: handle, with Celery's message and the add the heartbeat process was sent of it.
         self._held: dict[str, tuple[Any, wire.Add]] = {}
         #: The link thread's own: commands the keeper has not read yet, (a question?,
         #: packet). Not bounded: its adds are the held set's, and a keeper that does not
@@ -141,7 +141,7 @@ class BeatProcess:
         #: Keepers in a row that died young, and why the keeper gave up (its last word).
         self._quick = 0
         self._gave_up = ""
-        #: Questions to the beat process waiting for its answer.
+        #: Questions to the heartbeat process waiting for its answer.
         self._answers: dict[int, Future[Any]] = {}
         self._asked = 0
         self._stopping = threading.Event()
@@ -150,7 +150,7 @@ class BeatProcess:
     # -- the worker's threads ------------------------------------------------------------
 
     def spawn(self, level: int | None = None) -> None:
-        """Fork the keeper, which forks a beat process that logs at *level* (raises
+        """Fork the keeper, which forks a heartbeat process that logs at *level* (raises
         ``OSError`` where that fails)."""
         if level is not None:
             self._level = level
@@ -206,7 +206,7 @@ class BeatProcess:
 
     @property
     def pid(self) -> int:
-        """The beat process, as its keeper last said (0: none now)."""
+        """The heartbeat process, as its keeper last said (0: none now)."""
         return self._watch.beat
 
     def start(self) -> None:
@@ -245,7 +245,7 @@ class BeatProcess:
         return receipt_handle in self._held
 
     def ask(self, question: wire.Question, timeout: float) -> Any:
-        """Have the beat process answer *question* and wait for its answer, at most
+        """Have the heartbeat process answer *question* and wait for its answer, at most
         *timeout* s (None: none came)."""
         local = self.local
         if local is not None:
@@ -266,7 +266,7 @@ class BeatProcess:
     def hand_back(
         self, receipt_handles: Collection[str], timeout: float = ASK_TIMEOUT
     ) -> list[tuple[Heartbeat, Answer]]:
-        """Have the beat process hand these messages back (``Sidecar.hand_back``), in
+        """Have the heartbeat process hand these messages back (``Sidecar.hand_back``), in
         questions whose answers fit a packet each, all within *timeout* s."""
         handles = list(receipt_handles)
         answers: list[tuple[Heartbeat, Answer]] = []
@@ -276,7 +276,7 @@ class BeatProcess:
             answer = self.ask(wire.HandBack(chunk), max(0.0, deadline - time.monotonic()))
             if answer is None:
                 logger.warning(
-                    "celery-sqs-heartbeat: the beat process did not hand back %d waiting "
+                    "celery-sqs-heartbeat: the heartbeat process did not hand back %d waiting "
                     "messages within %g s; each comes back when its visibility runs out.",
                     len(handles) - i,
                     timeout,
@@ -286,21 +286,21 @@ class BeatProcess:
         return answers
 
     def stop_all(self, reason: Ended, keep: Collection[str]) -> int:
-        """End every heartbeat the beat process beats but those of *keep*."""
+        """End every heartbeat the heartbeat process beats but those of *keep*."""
         return int(self.ask(wire.StopAll(reason, frozenset(keep)), ASK_TIMEOUT) or 0)
 
     def close(self) -> None:
-        """Stop the beat process and the link thread (worker shutdown)."""
+        """Stop the heartbeat process and the link thread (worker shutdown)."""
         self._stopping.set()
         commands, self._commands = self._commands, None
         if commands is not None:
-            commands.close()  # the keeper's end-of-file, and so the beat process's
+            commands.close()  # the keeper's end-of-file, and so the heartbeat process's
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(EXIT_WAIT)
         if self.keeper and not _system.reaped(self.keeper, EXIT_WAIT):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.keeper, signal.SIGKILL)  # and so the beat process (pdeathsig)
+                os.kill(self.keeper, signal.SIGKILL)  # and so the heartbeat process (pdeathsig)
             _system.reaped(self.keeper, EXIT_WAIT)
         _system.reap_orphan(self.pid, self._watch.beat_start, EXIT_WAIT)
         self.keeper = 0
@@ -378,7 +378,7 @@ class BeatProcess:
             self._outbox.popleft()
 
     def _sweep(self) -> None:
-        """Tell the beat process of each message Celery settled (acknowledged, rejected,
+        """Tell the heartbeat process of each message Celery settled (acknowledged, rejected,
         requeued) whose heartbeat still runs there."""
         self._swept = time.monotonic()
         settled = [rh for rh, (message, _) in self._held.items() if message.acknowledged]
@@ -411,25 +411,25 @@ class BeatProcess:
             self._gave_up = report.why
         elif isinstance(report, wire.Dropped):
             logger.warning(
-                "celery-sqs-heartbeat: the worker was too busy to read %d reports of its beat "
+                "celery-sqs-heartbeat: the worker was too busy to read %d reports of its heartbeat "
                 "process in time; their signals, counters and log lines are missing (the "
                 "beats were sent).",
                 report.reports,
             )
 
     def _started(self, started: wire.Started) -> None:
-        """The keeper forked a beat process; in place of an old one, which died or hung,
+        """The keeper forked a heartbeat process; in place of an old one, which died or hung,
         and handed it the held messages itself."""
         pid, old, status, paused, held = started
         if not old:
             logger.info(
-                "celery-sqs-heartbeat: the beats come from the worker's beat process "
+                "celery-sqs-heartbeat: the beats come from the worker's heartbeat process "
                 "(pid %d), which runs no task.",
                 pid,
             )
             return
         logger.warning(
-            "celery-sqs-heartbeat: the beat process (pid %d) %s; beats were paused for "
+            "celery-sqs-heartbeat: the heartbeat process (pid %d) %s; beats were paused for "
             "%.1f s. A new one (pid %d) beats the messages this worker holds (%d).",
             old,
             status,
@@ -439,7 +439,7 @@ class BeatProcess:
         )
 
     def _replace(self) -> None:
-        """The keeper died (and so the beat process): fork another and hand it every
+        """The keeper died (and so the heartbeat process): fork another and hand it every
         message, unless that cannot be done; then the worker beats them itself."""
         old = self.keeper
         with contextlib.suppress(ProcessLookupError):  # an end-of-file that was an error
@@ -456,9 +456,11 @@ class BeatProcess:
         self._outbox.clear()
         lived = time.monotonic() - self._spawned_at
         self._quick = self._quick + 1 if lived < _keeper.QUICK_DEATH else 0
-        why = f"the beat process's keeper (pid {old}) {how}"
+        why = f"the heartbeat process's keeper (pid {old}) {how}"
         if code is not None and os.WIFEXITED(code) and os.WEXITSTATUS(code) == _keeper.GAVE_UP:
-            return self.fall_back(f"the beat process's keeper (pid {old}) gave up: {self._gave_up}")
+            return self.fall_back(
+                f"the heartbeat process's keeper (pid {old}) gave up: {self._gave_up}"
+            )
         if self.green:
             return self.fall_back(f"{why}, and a green worker cannot fork once it runs")
         if self._quick >= _keeper.MAX_QUICK_DEATHS:
@@ -470,8 +472,8 @@ class BeatProcess:
         except OSError as exc:
             return self.fall_back(f"{why}, and no new one could be forked ({exc})")
         logger.warning(
-            "celery-sqs-heartbeat: the beat process's keeper (pid %d) %s; a new one (pid "
-            "%d) starts a beat process for the messages this worker holds (%d).",
+            "celery-sqs-heartbeat: the heartbeat process's keeper (pid %d) %s; a new one (pid "
+            "%d) starts a heartbeat process for the messages this worker holds (%d).",
             old,
             how,
             self.keeper,
@@ -489,7 +491,7 @@ class BeatProcess:
         self.keeper = 0
         if self._stopping.is_set():
             return  # the worker is shutting down: nothing to beat any more
-        self._slots.forget_in_flight()  # the beat process died with its beats in flight
+        self._slots.forget_in_flight()  # the heartbeat process died with its beats in flight
         local = None
         if self._fallback is not None:
             try:

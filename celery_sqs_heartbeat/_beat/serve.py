@@ -1,4 +1,4 @@
-"""The beat process's life: it beats what the keeper hands on, from a sidecar of its
+"""The heartbeat process's life: it beats what the keeper hands on, from a sidecar of its
 own, reports to the worker, and ticks to the keeper.
 
 It owns its sidecar and the sending of every report; the keeper (``keeper``) forks it,
@@ -32,20 +32,20 @@ from .keeper import TICK
 
 logger = logging.getLogger("celery_sqs_heartbeat")
 
-#: How often the beat process ticks to its keeper and reads its commands, in seconds.
+#: How often the heartbeat process ticks to its keeper and reads its commands, in seconds.
 TICK_EVERY = TICK
-#: How long the beat process waits for its sidecar's calls in flight as it exits.
+#: How long the heartbeat process waits for its sidecar's calls in flight as it exits.
 EXIT_WAIT = 2.0
-#: The beat process's name in the worker's log lines (``%(processName)s``), and in ps.
+#: The heartbeat process's name in the worker's log lines (``%(processName)s``), and in ps.
 PROCESS_NAME = "HeartbeatProcess"
 #: The name prefix of its threads (its sidecar's are the sidecar's own).
 THREAD_PREFIX = "celery-sqs-heartbeat-beat"
-#: How long the beat process tries to send an answer the worker has not room for yet.
+#: How long the heartbeat process tries to send an answer the worker has not room for yet.
 ANSWER_WAIT = 5.0
 
 
 class Config(NamedTuple):
-    """What each beat process is forked with: the slots, how to make its SQS clients,
+    """What each heartbeat process is forked with: the slots, how to make its SQS clients,
     its log level, the tasks' options resolved at the worker's start, and how long it
     may go without a tick."""
 
@@ -64,7 +64,7 @@ def ask(sidecar: Sidecar, question: wire.Question) -> Any:
 
 
 class _Forwarder:
-    """The beat process's reporter (``_report.Reports``): it hands every report to the
+    """The heartbeat process's reporter (``_report.Reports``): it hands every report to the
     worker, which reports it, and tells the keeper of each heartbeat that ended (it
     holds that message no more)."""
 
@@ -94,8 +94,8 @@ class _Forwarder:
             self.dropped = 0
 
 
-class BeatProcessError(Exception):
-    """An unexpected error in the beat process, as its traceback."""
+class HeartbeatProcessError(Exception):
+    """An unexpected error in the heartbeat process, as its traceback."""
 
 
 def _portable_answer(answer: Answer) -> Answer:
@@ -103,7 +103,7 @@ def _portable_answer(answer: Answer) -> Answer:
     if answer.error is None:
         return answer
     text = "".join(traceback.format_exception(answer.error)).rstrip()
-    return Answer(answer.failure, answer.detail, BeatProcessError(text))
+    return Answer(answer.failure, answer.detail, HeartbeatProcessError(text))
 
 
 def _portable(s: Outcome) -> Outcome:
@@ -124,7 +124,7 @@ def _portable(s: Outcome) -> Outcome:
 
 
 class _ForwardLogs(logging.Handler):
-    """Hands the beat process's own log records to the worker, which logs them."""
+    """Hands the heartbeat process's own log records to the worker, which logs them."""
 
     def __init__(self, reports: Any) -> None:
         super().__init__()
@@ -141,13 +141,13 @@ class _ForwardLogs(logging.Handler):
 
 
 def serve(config: Config, link_fd: int, reports: Any) -> int:
-    """The beat process's life: beat what the keeper hands on, and tick to it, until
+    """The heartbeat process's life: beat what the keeper hands on, and tick to it, until
     the keeper is gone. Returns its exit status."""
     keeper = os.getppid()
     _system.die_with_parent()
     if os.getppid() != keeper:
         return 0
-    _system.set_title("beat process", os.getppid())
+    _system.set_title("heartbeat process", os.getppid())
     link = wire.raw(_socket.socket(fileno=link_fd))
     logger.handlers[:] = [_ForwardLogs(reports)]
     logger.propagate = False
@@ -156,7 +156,7 @@ def serve(config: Config, link_fd: int, reports: Any) -> int:
     try:
         return _beat(config, link, reports, keeper)
     except Exception:
-        logger.exception("celery-sqs-heartbeat: unexpected error in the beat process")
+        logger.exception("celery-sqs-heartbeat: unexpected error in the heartbeat process")
         return 1
 
 
@@ -231,7 +231,7 @@ def _answer(sidecar: Sidecar, reports: Any, command: wire.Ask) -> None:
         time.sleep(TICK_EVERY / 10)
 
 
-def warm_up(clients: Clients, who: str = "the beat process") -> None:
+def warm_up(clients: Clients, who: str = "the heartbeat process") -> None:
     """Make *clients*' client now, before any beat; where it cannot be made yet (STS or
     the instance's metadata briefly out of reach), say so: each beat tries again."""
     try:

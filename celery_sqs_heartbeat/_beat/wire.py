@@ -1,4 +1,4 @@
-"""The wire between a worker, its keeper and its beat process: one type per kind of
+"""The wire between a worker, its keeper and its heartbeat process: one type per kind of
 message, and the one encode and decode of them all.
 
 Every message is a packet of a ``SOCK_SEQPACKET`` socket pair. Who sends which:
@@ -6,15 +6,15 @@ Every message is a packet of a ``SOCK_SEQPACKET`` socket pair. Who sends which:
 ==============================  ==================================  =====================
 message                         from → to                           means
 ==============================  ==================================  =====================
-:class:`Add`                    worker → keeper → beat process      beat this message
-:class:`Acked`                  worker → keeper → beat process      Celery acknowledged it
-:class:`Ask`                    worker → keeper → beat process      a shutdown's question
-:class:`Tick`, :class:`Done`    beat process → keeper               alive; no longer held
-:class:`Answered`,               beat process → worker               reports (the reporter's)
+:class:`Add`                    worker → keeper → heartbeat process      beat this message
+:class:`Acked`                  worker → keeper → heartbeat process      Celery acknowledged it
+:class:`Ask`                    worker → keeper → heartbeat process      a shutdown's question
+:class:`Tick`, :class:`Done`    heartbeat process → keeper               alive; no longer held
+:class:`Answered`,               heartbeat process → worker               reports (the reporter's)
 :class:`HeartbeatEnded`,
 :class:`Log`, :class:`Reply`,
 :class:`Dropped`
-:class:`Started`, :class:`GaveUp`  keeper → worker                  a beat process forked;
+:class:`Started`, :class:`GaveUp`  keeper → worker                  a heartbeat process forked;
                                                                     the keeper's last word
 ==============================  ==================================  =====================
 """
@@ -40,7 +40,7 @@ _PICKLE = pickle.HIGHEST_PROTOCOL
 
 class Add(NamedTuple):
     """Beat this message from its receipt. Its *options* only where they differ from
-    its task's resolved at the worker's start, which the beat process inherits."""
+    its task's resolved at the worker's start, which the heartbeat process inherits."""
 
     receipt_handle: str
     queue_url: str
@@ -91,15 +91,15 @@ class Ask(NamedTuple):
     question: Question
 
 
-# -- the beat process's word to its keeper ----------------------------------------------
+# -- the heartbeat process's word to its keeper ----------------------------------------------
 
 
 class Tick(NamedTuple):
-    """The beat process's main loop turned, and its sidecar's loop is healthy."""
+    """The heartbeat process's main loop turned, and its sidecar's loop is healthy."""
 
 
 class Done(NamedTuple):
-    """The beat process ended this message's heartbeat: the keeper holds it no more."""
+    """The heartbeat process ended this message's heartbeat: the keeper holds it no more."""
 
     receipt_handle: str
 
@@ -122,7 +122,7 @@ class HeartbeatEnded(NamedTuple):
 
 
 class Log(NamedTuple):
-    """One of the beat process's log records, as a dict, for the worker to log."""
+    """One of the heartbeat process's log records, as a dict, for the worker to log."""
 
     fields: dict[str, Any]
 
@@ -141,7 +141,7 @@ class Dropped(NamedTuple):
 
 
 class Started(NamedTuple):
-    """The keeper forked beat process *pid*; in place of *old* (0: the first), which
+    """The keeper forked heartbeat process *pid*; in place of *old* (0: the first), which
     ended as *status*; beats were *paused* for that long; it handed it *held* messages."""
 
     pid: int
@@ -152,7 +152,7 @@ class Started(NamedTuple):
 
 
 class GaveUp(NamedTuple):
-    """The keeper gives up forking beat processes, and why."""
+    """The keeper gives up forking heartbeat processes, and why."""
 
     why: str
 

@@ -169,7 +169,7 @@ def test_no_beat_follows_kombus_release_at_exit(scenario: Scenario, pool: str) -
     them as the worker exits. From that release on no beat may hide them again: the
     heartbeats end just before it, not at ``worker_shutdown`` a moment later (the test's
     worker pauses in between, long enough for several beats). In a threads worker the
-    beat process ends them, asked by the worker's main thread."""
+    heartbeat process ends them, asked by the worker's main thread."""
     conf = drain_conf(scenario, task_annotations={"worker_app.plain": {"rate_limit": "1/h"}})
     draining = scenario.worker(
         conf,

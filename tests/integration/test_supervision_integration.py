@@ -1,9 +1,9 @@
 """No silent failure, with real workers: each helper process that stops, dies or cannot
 be made is healed within the margin (window - interval), or the worker beats from its
-own process and says so. Each task runs once; the twins with the heartbeat or the beat
+own process and says so. Each task runs once; the twins with the heartbeat or the heartbeat
 process off (``test_worker_integration``) show the duplicate.
 
-Window 4 s and interval 1 s: the margin is 3 s, so a beat process or keeper that stops
+Window 4 s and interval 1 s: the margin is 3 s, so a heartbeat process or keeper that stops
 ticking is killed after 1 s (the hang limit's floor).
 """
 
@@ -19,7 +19,7 @@ import pytest
 from celery_sqs_heartbeat.testing import WorkerProcess, wait_for
 
 from ..conftest import Scenario
-from .test_beat_process_integration import (
+from .test_heartbeat_process_integration import (
     INTERVAL,
     QUEUE_TIMEOUT,
     TASK_SECONDS,
@@ -70,8 +70,8 @@ def runs_once(scenario: Scenario, task_id: str, receipt_handle: str, since: floa
     assert len(after) >= 2, "nothing beat the message after the fault"
 
 
-def test_a_stopped_beat_process_is_replaced_within_the_margin(scenario: Scenario) -> None:
-    """SIGSTOP the beat process of a threads worker: it ticks no more, so its keeper
+def test_a_stopped_heartbeat_process_is_replaced_within_the_margin(scenario: Scenario) -> None:
+    """SIGSTOP the heartbeat process of a threads worker: it ticks no more, so its keeper
     kills it and forks another, the worker says so, and the task runs once."""
     _, task_id, receipt_handle, worker = running_one(scenario, "threads")
     old = beat_pid(worker)
@@ -85,7 +85,7 @@ def test_a_stopped_beat_process_is_replaced_within_the_margin(scenario: Scenario
 
 def test_a_stopped_keeper_is_replaced_within_the_margin(scenario: Scenario) -> None:
     """SIGSTOP the keeper of a threads worker: the worker's link thread hears no tick,
-    kills it (and so its beat process), forks another, and the task runs once."""
+    kills it (and so its heartbeat process), forks another, and the task runs once."""
     _, task_id, receipt_handle, worker = running_one(scenario, "threads")
     (keeper,) = children(worker.pid)
     os.kill(keeper, signal.SIGSTOP)
@@ -121,10 +121,10 @@ def test_a_killed_keeper_in_a_green_worker_falls_back_to_beating_in_the_worker(
 
 
 @pytest.mark.needs_request_log("the beats of a starved worker: it records its own only later")
-def test_a_beat_process_killed_while_the_worker_is_starved_is_replaced(
+def test_a_heartbeat_process_killed_while_the_worker_is_starved_is_replaced(
     scenario: Scenario,
 ) -> None:
-    """SIGKILL the beat process while the task holds the worker's GIL in one C call:
+    """SIGKILL the heartbeat process while the task holds the worker's GIL in one C call:
     the keeper forks another and hands it the message itself (the worker's threads
     cannot run), so the task runs once."""
     _, task_id, receipt_handle, worker = running_one(scenario, "threads", task="hold_gil")
@@ -134,20 +134,20 @@ def test_a_beat_process_killed_while_the_worker_is_starved_is_replaced(
     assert worker.log_lines("was killed by SIGKILL")
 
 
-def test_no_beat_process_can_be_forked(scenario: Scenario) -> None:
+def test_no_heartbeat_process_can_be_forked(scenario: Scenario) -> None:
     """Every fork fails (a cgroup's pids.max reached): the worker beats from a thread of
     its own, says so at WARNING with the cause and the margin, and the task runs once."""
     _, task_id, receipt_handle, worker = running_one(
         scenario, "threads", env={"SQSHB_FAIL_FORK": "1"}
     )
-    (line,) = worker.log_lines("no beat process could be started")
+    (line,) = worker.log_lines("no heartbeat process could be started")
     assert "WARNING" in line and "Errno 11" in line and "for 3 s" in line, line
     runs_once(scenario, task_id, receipt_handle, 0.0)
 
 
 def test_a_worker_that_reaps_orphans_leaves_no_zombie(scenario: Scenario) -> None:
     """A worker that is PID 1 (here a child subreaper: the same for orphans) inherits
-    the beat process when its keeper dies: it reaps it, so no zombie stays."""
+    the heartbeat process when its keeper dies: it reaps it, so no zombie stays."""
     _, task_id, receipt_handle, worker = running_one(
         scenario, "threads", env={"SQSHB_SUBREAPER": "1"}
     )
@@ -155,6 +155,6 @@ def test_a_worker_that_reaps_orphans_leaves_no_zombie(scenario: Scenario) -> Non
     (keeper,) = children(worker.pid)
     os.kill(keeper, signal.SIGKILL)
     wait_for(lambda: worker.log_lines("a new one (pid"), timeout=5, what="a new keeper")
-    wait_for(lambda: state(old) == "", timeout=5, what=f"beat process {old} reaped")
+    wait_for(lambda: state(old) == "", timeout=5, what=f"heartbeat process {old} reaped")
     assert all(state(pid) != "Z" for pid in children(worker.pid))
     runs_once(scenario, task_id, receipt_handle, 0.0)

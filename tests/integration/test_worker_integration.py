@@ -89,20 +89,20 @@ def test_long_task_runs_twice_without_heartbeat(scenario: Scenario, pool: str) -
 
 
 @pytest.mark.parametrize("pool", ["gevent", "eventlet"])
-@pytest.mark.parametrize(("beat_process", "runs"), [(True, 1), (False, 2)])
+@pytest.mark.parametrize(("heartbeat_process", "runs"), [(True, 1), (False, 2)])
 def test_a_green_task_that_never_yields(
-    scenario: Scenario, pool: str, beat_process: bool, runs: int
+    scenario: Scenario, pool: str, heartbeat_process: bool, runs: int
 ) -> None:
     """A green task spins on the CPU for three windows and never yields. The beats come
-    from the worker's beat process, which the task cannot hold up: it runs once. The
-    twin, the beat process off: the heartbeat is a greenlet the task never lets run, the
+    from the worker's heartbeat process, which the task cannot hold up: it runs once. The
+    twin, the heartbeat process off: the heartbeat is a greenlet the task never lets run, the
     message is delivered again, and the worker said so when it started."""
     conf = scenario.config(
         queue_timeout=QUEUE_TIMEOUT,
         heartbeat=True,
         interval=INTERVAL,
         visibility=VISIBILITY,
-        sqs_heartbeat_beat_process=beat_process,
+        sqs_heartbeat_own_process=heartbeat_process,
     )
     workers = scenario.start_workers(conf, 2, pool=pool)
     task_id = scenario.send(conf, "spin", 3 * VISIBILITY)
@@ -111,7 +111,7 @@ def test_a_green_task_that_never_yields(
 
     assert len([r for r in found if r.event == "start" and r.task_id == task_id]) == runs
     for worker in workers:
-        assert len(worker.log_lines("never yields")) == (not beat_process), worker.log()
+        assert len(worker.log_lines("never yields")) == (not heartbeat_process), worker.log()
 
 
 def test_setting_alone_turns_heartbeat_on_without_importing_the_package(
@@ -366,7 +366,7 @@ def test_cli_lists_effective_settings(scenario: Scenario) -> None:
 
 
 @pytest.mark.parametrize(
-    ("pool", "beat_process", "runs"),
+    ("pool", "heartbeat_process", "runs"),
     [
         ("prefork", True, 1),
         ("threads", True, 1),
@@ -376,12 +376,12 @@ def test_cli_lists_effective_settings(scenario: Scenario) -> None:
     ],
 )
 def test_a_task_stuck_in_a_c_call(
-    scenario: Scenario, pool: str, beat_process: bool, runs: int
+    scenario: Scenario, pool: str, heartbeat_process: bool, runs: int
 ) -> None:
     """A task keeps its process's GIL in one C call for 11 s; window 4 s, interval 1 s.
 
     In prefork the worker's main process beats for it, and in the threads and solo
-    pools the worker's beat process: it runs once. The twins: with the beat process off
+    pools the worker's heartbeat process: it runs once. The twins: with the heartbeat process off
     the heartbeat shares the task's process and cannot beat, and a second worker runs
     the task again.
     """
@@ -390,7 +390,7 @@ def test_a_task_stuck_in_a_c_call(
         heartbeat=True,
         interval=1,
         visibility=4,
-        sqs_heartbeat_beat_process=beat_process,
+        sqs_heartbeat_own_process=heartbeat_process,
     )
     scenario.start_workers(conf, 2, pool=pool)
     task_id = scenario.send(conf, "hold_gil", 11)

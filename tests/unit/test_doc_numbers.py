@@ -64,12 +64,6 @@ def _number(text: str, pattern: str) -> float:
 #: What performance.md says, by the name a citation uses.
 FIGURES: dict[str, Callable[[Performance], float]] = {
     "scale heartbeats": lambda p: _number(p.figure("Scale: memory per heartbeat")[0], r"\((\d+)\)"),
-    "loop CPU s per interval": lambda p: _number(
-        p.figure("heartbeat thread CPU per")[1], r"([\d.]+) s"
-    ),
-    "loop CPU interval s": lambda p: _number(
-        p.figure("heartbeat thread CPU per")[0], r"CPU per ([\d.]+) s interval"
-    ),
     "batched, times fewer": lambda p: _number(p.figure("SQS requests, ")[1], r"([\d.]+)x fewer"),
     "requests per task-hour, defaults": lambda p: (
         _number(p.cost_row("one call per beat")[1], r"([\d,]+)") / 1000
@@ -96,18 +90,6 @@ CITES: list[tuple[str, str, str, str]] = [
         rf"{COUNT} (?:concurrent |in-flight )?heartbeats",
         rf"(?P<v>{COUNT}) (?:concurrent |in-flight )?heartbeats",
         "scale heartbeats",
-    ),
-    (
-        "docs/how-it-works.md",
-        rf"{SECONDS}[^.]{{0,20}}CPU|CPU[^.]{{0,30}}{SECONDS}",
-        r"(?P<v>\d+\.\d+) s of CPU",
-        "loop CPU s per interval",
-    ),
-    (
-        "docs/how-it-works.md",
-        rf"{SECONDS}[^.]{{0,20}}CPU|CPU[^.]{{0,30}}{SECONDS}",
-        r"CPU per (?P<v>\d+) s interval",
-        "loop CPU interval s",
     ),
     (
         "docs/deploying.md",

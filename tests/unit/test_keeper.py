@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from celery_sqs_heartbeat._beat import BeatProcess, wire
+from celery_sqs_heartbeat._beat import HeartbeatProcess, wire
 from celery_sqs_heartbeat._heartbeat import Ended, Heartbeat
 from celery_sqs_heartbeat._report import Counters, Reporter
 from celery_sqs_heartbeat._send import Sender
@@ -37,7 +37,7 @@ def fake_clients() -> Any:
 
 
 def broken_clients() -> Any:
-    raise RuntimeError("no client here")  # each beat process dies at its start
+    raise RuntimeError("no client here")  # each heartbeat process dies at its start
 
 
 class Fallback:
@@ -58,15 +58,17 @@ class Fallback:
 
 
 @pytest.fixture
-def make() -> Iterator[Callable[..., tuple[BeatProcess, Counters, Fallback]]]:
-    made: list[BeatProcess] = []
+def make() -> Iterator[Callable[..., tuple[HeartbeatProcess, Counters, Fallback]]]:
+    made: list[HeartbeatProcess] = []
 
-    def make(clients: Callable[[], Any] = fake_clients) -> tuple[BeatProcess, Counters, Fallback]:
+    def make(
+        clients: Callable[[], Any] = fake_clients,
+    ) -> tuple[HeartbeatProcess, Counters, Fallback]:
         slots = Slots(1, ended=16)
         slots.attach(0, os.getpid())
         counters = Counters(*slots.counter_blocks(None))
         fallback = Fallback(counters)
-        beats = BeatProcess(
+        beats = HeartbeatProcess(
             slots,
             Reporter(counters, region=lambda: None),
             clients,
@@ -84,7 +86,7 @@ def make() -> Iterator[Callable[..., tuple[BeatProcess, Counters, Fallback]]]:
         beats.close()
 
 
-def add(beats: BeatProcess, n: int, prefix: str = "rh") -> None:
+def add(beats: HeartbeatProcess, n: int, prefix: str = "rh") -> None:
     now = time.monotonic()
     for i in range(n):
         hb = Heartbeat(f"{prefix}{i}", "q", OPTIONS, now, "t", str(i))  # due in 30 s
@@ -92,13 +94,13 @@ def add(beats: BeatProcess, n: int, prefix: str = "rh") -> None:
 
 
 def test_a_keeper_that_reads_nothing_never_holds_up_the_worker(
-    make: Callable[..., tuple[BeatProcess, Counters, Fallback]],
+    make: Callable[..., tuple[HeartbeatProcess, Counters, Fallback]],
 ) -> None:
     """Stop the keeper: 2,000 messages received meanwhile (seven times what the socket's
     buffer holds) are handed on without waiting; the worker kills the silent keeper
     within the hang limit, forks another, and hands it every message."""
     beats, counters, _ = make()
-    wait_for(lambda: beats.pid, timeout=5, what="the beat process")
+    wait_for(lambda: beats.pid, timeout=5, what="the heartbeat process")
     keeper = beats.keeper
     os.kill(keeper, signal.SIGSTOP)
     began = time.monotonic()
@@ -112,27 +114,28 @@ def test_a_keeper_that_reads_nothing_never_holds_up_the_worker(
     assert counters.stats().started == 2000
 
 
-def test_a_beat_process_that_stops_is_replaced_and_handed_every_message(
-    make: Callable[..., tuple[BeatProcess, Counters, Fallback]],
+def test_a_heartbeat_process_that_stops_is_replaced_and_handed_every_message(
+    make: Callable[..., tuple[HeartbeatProcess, Counters, Fallback]],
 ) -> None:
-    """SIGSTOP the beat process: the keeper hears no tick, kills it within the hang
+    """SIGSTOP the heartbeat process: the keeper hears no tick, kills it within the hang
     limit, and hands the new one every message, including those sent meanwhile."""
     beats, counters, _ = make()
-    first = wait_for(lambda: beats.pid, timeout=5, what="the beat process")
+    first = wait_for(lambda: beats.pid, timeout=5, what="the heartbeat process")
     add(beats, 10, "before")
     wait_for(lambda: counters.stats().started == 10, timeout=5, what="ten heartbeats")
     os.kill(first, signal.SIGSTOP)
     add(beats, 10, "during")
-    wait_for(lambda: beats.pid != first, timeout=beats.hang + 3, what="a new beat process")
+    wait_for(lambda: beats.pid != first, timeout=beats.hang + 3, what="a new heartbeat process")
     assert beats.ask(wire.StopAll(Ended.HANDED_BACK, frozenset()), 10) == 20
     stats = counters.stats()
     assert (stats.started, stats.active) == (20, 0), stats
 
 
-def test_beat_processes_that_keep_dying_end_in_the_fallback(
-    make: Callable[..., tuple[BeatProcess, Counters, Fallback]], caplog: pytest.LogCaptureFixture
+def test_heartbeat_processes_that_keep_dying_end_in_the_fallback(
+    make: Callable[..., tuple[HeartbeatProcess, Counters, Fallback]],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Every beat process dies at its start: after five in a row the keeper gives up,
+    """Every heartbeat process dies at its start: after five in a row the keeper gives up,
     and the worker beats every message it holds from its own process, saying why."""
     beats, _, fallback = make(broken_clients)
     add(beats, 3)
@@ -146,12 +149,13 @@ def test_beat_processes_that_keep_dying_end_in_the_fallback(
 
 
 def test_the_drain_has_one_deadline(
-    make: Callable[..., tuple[BeatProcess, Counters, Fallback]], caplog: pytest.LogCaptureFixture
+    make: Callable[..., tuple[HeartbeatProcess, Counters, Fallback]],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A beat process that does not answer holds the shutdown up once, not once per
+    """A heartbeat process that does not answer holds the shutdown up once, not once per
     chunk of messages, and the worker says what it did not hand back."""
     beats, _, _ = make()
-    first = wait_for(lambda: beats.pid, timeout=5, what="the beat process")
+    first = wait_for(lambda: beats.pid, timeout=5, what="the heartbeat process")
     add(beats, 300)
     os.kill(first, signal.SIGSTOP)
     began = time.monotonic()
@@ -175,31 +179,31 @@ class SlowClients:
         time.sleep(3)
 
 
-def test_a_beat_process_ticks_while_its_client_warms_up(
-    make: Callable[..., tuple[BeatProcess, Counters, Fallback]],
+def test_a_heartbeat_process_ticks_while_its_client_warms_up(
+    make: Callable[..., tuple[HeartbeatProcess, Counters, Fallback]],
 ) -> None:
-    """A client that takes 3 s to make (three hang limits) does not get its beat process
+    """A client that takes 3 s to make (three hang limits) does not get its heartbeat process
     killed as stopped: it ticks meanwhile."""
     beats, _, fallback = make(SlowClients)
-    first = wait_for(lambda: beats.pid, timeout=5, what="the beat process")
+    first = wait_for(lambda: beats.pid, timeout=5, what="the heartbeat process")
     time.sleep(3.5)
     assert beats.pid == first and not fallback.why
 
 
-def test_the_fallback_forgets_the_beats_in_flight_of_the_dead_beat_process() -> None:
-    """A beat process killed with a beat in flight leaves its count in the slot; once
+def test_the_fallback_forgets_the_beats_in_flight_of_the_dead_heartbeat_process() -> None:
+    """A heartbeat process killed with a beat in flight leaves its count in the slot; once
     the worker beats itself, no task_postrun waits for it."""
     slots = Slots(1, ended=16)
     slots.attach(0, os.getpid())
     counters = Counters(*slots.counter_blocks(None))
     fallback = Fallback(counters)
-    beats = BeatProcess(
+    beats = HeartbeatProcess(
         slots, Reporter(counters, region=lambda: None), fake_clients, {}, fallback=fallback
     )
     from celery_sqs_heartbeat._slots import key_of
 
     slots.started(0, key_of("rh"))
-    view = slots.begin(key_of("rh"), None)  # as the dead beat process did
+    view = slots.begin(key_of("rh"), None)  # as the dead heartbeat process did
     assert view is not None and view.fenced
     beats.fall_back("the test's reason")
     try:

@@ -34,7 +34,7 @@ def app() -> Iterator[Celery]:
         sqs_heartbeat_enabled=True,
         task_acks_late=True,
         sqs_heartbeat_interval=30,
-        sqs_heartbeat_beat_process=False,  # the in-process heartbeat; the beat process: below
+        sqs_heartbeat_own_process=False,  # the in-process heartbeat; the heartbeat process: below
     )
     celery_sqs_heartbeat.install(app)
     yield app
@@ -265,12 +265,12 @@ def test_a_prefork_child_keeps_one_handle_for_its_task(app: Celery) -> None:
         main.shutdown()  # its sidecar: the fixture's uninstall stops the child's role
 
 
-def test_a_threads_worker_beats_from_a_beat_process_that_ends_with_it(app: Celery) -> None:
-    """With ``sqs_heartbeat_beat_process`` (the default) a threads worker forks a beat
+def test_a_threads_worker_beats_from_a_heartbeat_process_that_ends_with_it(app: Celery) -> None:
+    """With ``sqs_heartbeat_own_process`` (the default) a threads worker forks a heartbeat
     process at ``worker_ready``: each task takes a slot from prerun to postrun and gives
-    it back, ``current()`` is the task's for the whole task, and the beat process exits
+    it back, ``current()`` is the task's for the whole task, and the heartbeat process exits
     when the heartbeat is uninstalled (worker shutdown)."""
-    app.conf.sqs_heartbeat_beat_process = True
+    app.conf.sqs_heartbeat_own_process = True
 
     @app.task(name="signals.delegated")
     def delegated() -> None: ...
@@ -278,10 +278,10 @@ def test_a_threads_worker_beats_from_a_beat_process_that_ends_with_it(app: Celer
     start_worker(app)
     role = _process.role()
     assert isinstance(role, _roles.Delegating)
-    receive(delegated, "rh-early")  # before the beat process: sent to it once it runs
+    receive(delegated, "rh-early")  # before the heartbeat process: sent to it once it runs
     signals.worker_ready.send(sender=Stand(app=app, pool=None))
-    keeper = role.beat_process.keeper
-    pid = wait_for(lambda: role.beat_process.pid, timeout=10, what="the beat process")
+    keeper = role.heartbeat_process.keeper
+    pid = wait_for(lambda: role.heartbeat_process.pid, timeout=10, what="the heartbeat process")
     assert keeper > 0 and _handlers.current_sidecar() is None
     wait_for(lambda: _handlers.counters().stats().started == 1, timeout=10, what="rh-early")
     free = sorted(role.tasks.free)
@@ -309,20 +309,22 @@ def test_a_threads_worker_beats_from_a_beat_process_that_ends_with_it(app: Celer
     _handlers.disconnect()
     with pytest.raises(ChildProcessError):
         os.waitpid(keeper, os.WNOHANG)  # exited, and reaped
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=5, what="the beat process gone")
+    wait_for(
+        lambda: not os.path.exists(f"/proc/{pid}"), timeout=5, what="the heartbeat process gone"
+    )
 
 
-def test_the_beat_process_setting_is_validated(app: Celery) -> None:
-    app.conf.sqs_heartbeat_beat_process = "yes"
-    with pytest.raises(SystemExit, match="sqs_heartbeat_beat_process='yes'"):
+def test_the_heartbeat_process_setting_is_validated(app: Celery) -> None:
+    app.conf.sqs_heartbeat_own_process = "yes"
+    with pytest.raises(SystemExit, match="sqs_heartbeat_own_process='yes'"):
         start_worker(app)
 
 
-@pytest.mark.parametrize("pool", ["prefork", "threads-beat-process", "threads"])
+@pytest.mark.parametrize("pool", ["prefork", "threads-heartbeat-process", "threads"])
 def test_a_task_without_acks_late_gets_no_handle(app: Celery, pool: str) -> None:
     """Celery deletes its message as it starts: nothing is left to extend, so
     ``current()`` is None in every shape of the task side, and no slot is taken."""
-    app.conf.sqs_heartbeat_beat_process = pool == "threads-beat-process"
+    app.conf.sqs_heartbeat_own_process = pool == "threads-heartbeat-process"
 
     @app.task(name="signals.early", acks_late=False)
     def early() -> None: ...

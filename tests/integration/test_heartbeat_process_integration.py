@@ -1,6 +1,6 @@
-"""The beat process of a threads, solo, gevent or eventlet worker, with real workers.
+"""The heartbeat process of a threads, solo, gevent or eventlet worker, with real workers.
 
-The beat process dies with the worker, and one that dies is replaced. (That a task
+The heartbeat process dies with the worker, and one that dies is replaced. (That a task
 holding the GIL in one C call, or a green task that never yields, cannot starve it, is
 tested in ``test_worker_integration``.)
 """
@@ -30,13 +30,15 @@ QUEUE_TIMEOUT = 4
 COMES_BACK = VISIBILITY + INTERVAL + RECEIVE_SLACK
 #: Three windows: a task this long runs twice unless it is beaten.
 TASK_SECONDS = 3 * VISIBILITY
-BEAT_PROCESS = re.compile(r"beat process \(pid (\d+)\)")
+HEARTBEAT_PROCESS = re.compile(r"heartbeat process \(pid (\d+)\)")
 
 
 def beat_pid(worker: WorkerProcess) -> int:
-    """The pid of *worker*'s beat process, as its start-up line names it."""
-    wait_for(lambda: BEAT_PROCESS.search(worker.log()), timeout=10, what="the beat process")
-    match = BEAT_PROCESS.search(worker.log())
+    """The pid of *worker*'s heartbeat process, as its start-up line names it."""
+    wait_for(
+        lambda: HEARTBEAT_PROCESS.search(worker.log()), timeout=10, what="the heartbeat process"
+    )
+    match = HEARTBEAT_PROCESS.search(worker.log())
     assert match is not None
     return int(match.group(1))
 
@@ -51,8 +53,8 @@ def gone(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("pool", ["threads", "solo"])
-def test_a_killed_worker_takes_its_beat_process_with_it(scenario: Scenario, pool: str) -> None:
-    """SIGKILL the worker mid-task: its beat process is gone within a second, sends no
+def test_a_killed_worker_takes_its_heartbeat_process_with_it(scenario: Scenario, pool: str) -> None:
+    """SIGKILL the worker mid-task: its heartbeat process is gone within a second, sends no
     beat after the kill, and the message is back on a spare worker within one window."""
     conf = scenario.config(
         queue_timeout=30, heartbeat=True, interval=INTERVAL, visibility=VISIBILITY
@@ -67,7 +69,7 @@ def test_a_killed_worker_takes_its_beat_process_with_it(scenario: Scenario, pool
     first.kill()
     killed_at = time.monotonic()
     killed_wall = time.time()
-    wait_for(lambda: gone(beats), timeout=5, what="the beat process gone")
+    wait_for(lambda: gone(beats), timeout=5, what="the heartbeat process gone")
     assert time.monotonic() - killed_at <= 1.0
 
     starts = scenario.wait_starts(task_id, 2, timeout=COMES_BACK + 10)
@@ -78,10 +80,10 @@ def test_a_killed_worker_takes_its_beat_process_with_it(scenario: Scenario, pool
 
 
 @pytest.mark.parametrize("pool", ["threads", "gevent"])
-def test_a_killed_beat_process_is_replaced_and_the_task_runs_once(
+def test_a_killed_heartbeat_process_is_replaced_and_the_task_runs_once(
     scenario: Scenario, pool: str
 ) -> None:
-    """SIGKILL only the beat process: the worker says so, starts another within the
+    """SIGKILL only the heartbeat process: the worker says so, starts another within the
     interval, and the new one beats the message on; the task runs once."""
     if pool == "gevent":
         pytest.importorskip("gevent")
@@ -104,11 +106,11 @@ def test_a_killed_beat_process_is_replaced_and_the_task_runs_once(
     found = scenario.wait_settled(timeout=60)
     assert [r.event for r in found if r.task_id == task_id] == ["start", "end"]
     after = [b for b in beats_for(scenario, start.receipt_handle, VISIBILITY) if b > killed_at]
-    assert len(after) >= 2, "the new beat process did not beat the message"
+    assert len(after) >= 2, "the new heartbeat process did not beat the message"
 
 
 def test_a_killed_keeper_is_replaced_in_a_threads_worker(scenario: Scenario) -> None:
-    """SIGKILL the keeper, the worker's child that forks the beat process: the beat
+    """SIGKILL the keeper, the worker's child that forks the heartbeat process: the heartbeat
     process dies with it, the threads worker forks another keeper, and the task runs
     once."""
     conf = scenario.config(
@@ -131,4 +133,4 @@ def test_a_killed_keeper_is_replaced_in_a_threads_worker(scenario: Scenario) -> 
     found = scenario.wait_settled(timeout=60)
     assert [r.event for r in found if r.task_id == task_id] == ["start", "end"]
     after = [b for b in beats_for(scenario, start.receipt_handle, VISIBILITY) if b > killed_at]
-    assert len(after) >= 2, "the new beat process did not beat the message"
+    assert len(after) >= 2, "the new heartbeat process did not beat the message"
