@@ -90,10 +90,10 @@ class InChild:
             answer = sender.send(hb.queue_url, [(hb.receipt_handle, asked)])[0]
             if answer.failure is None:
                 self._slots.extended(self._index, self._key, sent, asked)
-        settled = hb.answered(sent, asked, answer, time.monotonic(), manual=True)
+        outcome = hb.answered(sent, asked, answer, time.monotonic(), manual=True)
         # The task's own record may end here (message gone, denied); the main process's
         # heartbeat, which it does not change, finds out and reports it at its next beat.
-        self._report.outcome(dataclasses.replace(settled, ended=False))
+        self._report.outcome(dataclasses.replace(outcome, ended=False))
         return answer.failure is None
 
     def reconfigure(self, interval: float, visibility_timeout: int) -> bool:

@@ -1,34 +1,10 @@
 """The one background loop per worker that beats every message the worker holds.
 
-It lives in the worker's main process, which receives every message: a task stuck in a
-pool child (even in a C call that never lets go of the GIL) cannot starve it. Every
-:class:`~._heartbeat.Heartbeat` is the sidecar's: only its methods change one, and only
-under its lock, which is held for a few stores and never across I/O, a receiver of
-our signals, or another process's lock.
-
-One turn of the loop, top to bottom (:meth:`Sidecar.turn`):
-
-1. Under the lock, copy the registry.
-2. Without it, sort the copy: messages Celery settled, beats due, beats due soon that
-   can fill a request.
-3. Under the lock, end what Celery settled and mark each beat to send in flight,
-   grouped per queue into requests of up to ten.
-4. Without it, report what ended, hand each request to an executor thread, and sleep
-   until the earliest beat is due, or until something due sooner wakes the loop.
-
-An executor thread then sends the request (:meth:`Sidecar._deliver`): without the lock it
-reads the prefork slots of its beats (``_slots``: a task that ended, a process that died,
-a pace or an extension the task set), under the lock it applies that and drops what must
-not go any more (stopped meanwhile, a limit reached), then makes the call and settles
-the answers (:meth:`Sidecar._apply`, the one path for regular beats and a task's own
-extensions). So a request that waited for a free thread sends nothing stale, and a
-stalled call holds up no other heartbeat. SQS errors are classified (``_errors``) and
-reported (``_report``); none ever reaches a task.
-
-``stop`` is final: once it returns no beat for that message is sent. A call already in
-flight for it is waited for, briefly (:data:`~._heartbeat.STOP_WAIT`), so a beat does not
-land after kombu's requeue or delete, and a stalled one cannot hold up the task's
-acknowledgement. Stopping never touches the message's visibility itself.
+It owns the registry of heartbeats, keyed by receipt handle: only its methods change a
+:class:`~._heartbeat.Heartbeat`, and only under its lock, held for a few stores and never
+across I/O, a receiver of our signals, or another process's lock. ``stop`` is final:
+once it returns no beat for that message is sent. One turn of the loop, the delivery of
+a request and what stopping waits for: ``docs/how-it-works.md`` (the sidecar loop).
 """
 
 from __future__ import annotations
@@ -250,8 +226,8 @@ class Sidecar:
             return False
         answer = self._sender.send(hb.queue_url, [(hb.receipt_handle, asked)])[0]
         with self._lock:
-            settled = self._apply(hb, sent, asked, answer, self._clock(), manual=True)
-        self._tell(settled)
+            outcome = self._apply(hb, sent, asked, answer, self._clock(), manual=True)
+        self._tell(outcome)
         return answer.failure is None
 
     def reconfigure(self, hb: Heartbeat, interval: float, visibility_timeout: int) -> bool:
@@ -293,18 +269,18 @@ class Sidecar:
         self, hb: Heartbeat, sent: float, asked: int, answer: Answer, now: float, *, manual: bool
     ) -> Outcome:
         """Apply SQS's answer to a call for *hb*: the one path for beats and extensions."""
-        settled = hb.answered(sent, asked, answer, now, self._jitter(), manual=manual)
-        if settled.ended:
+        outcome = hb.answered(sent, asked, answer, now, self._jitter(), manual=manual)
+        if outcome.ended:
             self._drop(hb)
         self._note_due(hb)
         self._answered.notify_all()
-        return settled
+        return outcome
 
-    def _tell(self, settled: Outcome) -> None:
+    def _tell(self, outcome: Outcome) -> None:
         """Report an applied answer (without the lock: receivers are user code)."""
-        self._report.outcome(settled)
-        if settled.ended:
-            self._report.ended(settled.hb, settled.beats, settled.answer.detail)
+        self._report.outcome(outcome)
+        if outcome.ended:
+            self._report.ended(outcome.hb, outcome.beats, outcome.answer.detail)
 
     def stats(self) -> Stats:
         return self._report.counters.stats()
@@ -446,7 +422,7 @@ class Sidecar:
         a free executor thread sees what its tasks did meanwhile."""
         views: dict[Heartbeat, SlotView] = {}
         ended: list[Heartbeat] = []
-        settled: list[Outcome] = []
+        outcomes: list[Outcome] = []
         try:
             self._read_slots(entries, views)
             with self._lock:
@@ -459,7 +435,7 @@ class Sidecar:
                 with self._lock:
                     answered = self._clock()
                     for beat, answer in zip(send, answers, strict=True):
-                        settled.append(
+                        outcomes.append(
                             self._apply(beat.hb, sent, beat.asked, answer, answered, manual=False)
                         )
         finally:
@@ -468,7 +444,7 @@ class Sidecar:
                     self._finish(view.index)
         for hb in ended:
             self._report.ended(hb, hb.beats)
-        for s in settled:
+        for s in outcomes:
             self._tell(s)
 
     def _read_slots(self, entries: list[_Beat], views: dict[Heartbeat, SlotView]) -> None:

@@ -329,5 +329,6 @@ def keep(setup: Setup) -> None:
     _system.die_with_parent()
     if os.getppid() != worker:
         os._exit(0)
+    _system.set_title("keeper", worker)
     gc.freeze()  # the worker's objects stay shared: the collector no longer writes them
     os._exit(_system.clean(lambda: _Keeper(setup).run()))

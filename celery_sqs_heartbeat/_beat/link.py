@@ -162,7 +162,9 @@ class HeartbeatProcess:
             commands.close()
             theirs_commands.close()
             raise
-        config = Config(self._slots, self._clients, self._level, self._options, self.hang)
+        config = Config(
+            self._slots, self._clients, self._level, self._options, self.hang, os.getpid()
+        )
         setup = _keeper.Setup(
             theirs_commands,
             theirs_reports,

@@ -46,14 +46,15 @@ ANSWER_WAIT = 5.0
 
 class Config(NamedTuple):
     """What each heartbeat process is forked with: the slots, how to make its SQS clients,
-    its log level, the tasks' options resolved at the worker's start, and how long it
-    may go without a tick."""
+    its log level, the tasks' options resolved at the worker's start, how long it may
+    go without a tick, and the worker's PID (for ``ps``)."""
 
     slots: Slots
     make_clients: Callable[[], Clients]
     level: int
     options: dict[str, HeartbeatOptions]
     hang: float
+    worker: int
 
 
 def ask(sidecar: Sidecar, question: wire.Question) -> Any:
@@ -147,7 +148,7 @@ def serve(config: Config, link_fd: int, reports: Any) -> int:
     _system.die_with_parent()
     if os.getppid() != keeper:
         return 0
-    _system.set_title("heartbeat process", os.getppid())
+    _system.set_title("heartbeat process", config.worker)
     link = wire.raw(_socket.socket(fileno=link_fd))
     logger.handlers[:] = [_ForwardLogs(reports)]
     logger.propagate = False

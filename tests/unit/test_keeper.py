@@ -237,3 +237,31 @@ def test_a_child_killed_by_a_real_time_signal_is_said() -> None:
 
     assert _system.status(40) == "was killed by signal 40"  # SIGRTMIN+6 on Linux
     assert _system.status(9) == "was killed by SIGKILL"
+
+
+def test_ps_tells_the_keeper_from_the_heartbeat_process(
+    make: Callable[..., tuple[HeartbeatProcess, Counters, Fallback]],
+) -> None:
+    """Each names itself, and the worker it serves, through ``setproctitle`` (as Celery
+    names its own processes), so ``ps`` and ``top`` show which is which."""
+    pytest.importorskip("setproctitle")
+    beats, _, _ = make()
+    pid = wait_for(lambda: beats.pid, timeout=5, what="the heartbeat process")
+
+    def title(of: int) -> str:
+        with open(f"/proc/{of}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode().strip()
+
+    worker = os.getpid()
+    wait_for(
+        lambda: title(beats.keeper).startswith("[celery-sqs-heartbeat keeper]"),
+        timeout=5,
+        what="the keeper's title",
+    )
+    assert title(beats.keeper) == f"[celery-sqs-heartbeat keeper] of worker {worker}"
+    wait_for(
+        lambda: title(pid).startswith("[celery-sqs-heartbeat heartbeat process]"),
+        timeout=5,
+        what="the heartbeat process's title",
+    )
+    assert title(pid) == f"[celery-sqs-heartbeat heartbeat process] of worker {worker}"
