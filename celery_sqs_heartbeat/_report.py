@@ -301,3 +301,16 @@ class Reporter:
                 else "",
             },
         )
+
+
+def say_stalled(hb: Heartbeat, waited: float) -> None:
+    """A call in flight for *hb* was not answered within *waited* s: going on without it."""
+    logger.info(
+        "Heartbeat of task %s[%s]: SQS had not answered its beat after %.2f s; going on "
+        "without it (if it lands, it fails on a deleted message, or keeps a requeued one "
+        "hidden up to %d s).",
+        hb.task_name,
+        hb.task_id,
+        waited,
+        hb.options.visibility_timeout,
+    )

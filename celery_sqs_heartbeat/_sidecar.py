@@ -19,7 +19,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import NamedTuple, Protocol
 
 from ._heartbeat import RIDE_FRACTION, STOP_WAIT, Ended, Heartbeat, Outcome, allowed
-from ._report import STARTED, STOPPED, Reports, Stats
+from ._report import STARTED, STOPPED, Reports, Stats, say_stalled
 from ._send import MAX_BATCH, Answer, Sender
 from ._slots import SlotsBroken, SlotView, key_of
 
@@ -173,7 +173,7 @@ class Sidecar:
             answered = self._wait_in_flight(hb, STOP_WAIT)
             beats = hb.beats
         if not answered:
-            _stalled(hb, STOP_WAIT)
+            say_stalled(hb, STOP_WAIT)
         self._report.ended(hb, beats)
         return hb
 
@@ -221,7 +221,7 @@ class Sidecar:
             else:
                 hb.in_flight = True
         if not answered:
-            _stalled(hb, waited)
+            say_stalled(hb, waited)
         if not asked:
             return False
         answer = self._sender.send(hb.queue_url, [(hb.receipt_handle, asked)])[0]
@@ -504,18 +504,6 @@ class Sidecar:
                 "Restart the worker to map new slots (said once).",
                 exc,
             )
-
-
-def _stalled(hb: Heartbeat, waited: float) -> None:
-    logger.info(
-        "Heartbeat of task %s[%s]: SQS had not answered its beat after %.2f s; going on "
-        "without it (if it lands, it fails on a deleted message, or keeps a requeued one "
-        "hidden up to %d s).",
-        hb.task_name,
-        hb.task_id,
-        waited,
-        hb.options.visibility_timeout,
-    )
 
 
 def _next_due(hb: Heartbeat) -> float:

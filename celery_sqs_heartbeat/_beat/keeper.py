@@ -29,6 +29,7 @@ import mmap
 import os
 import select
 import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -319,6 +320,35 @@ def _recv(sock: Any) -> bytes | None:
         if exc.errno in (errno.ECONNRESET, errno.EPIPE):
             return b""
         raise
+
+
+def fork(watch: Watch, hang: float, serve: Callable[[int, Any], int]) -> tuple[int, Any, Any]:
+    """Fork a keeper that forks heartbeat processes living *serve*; its PID and the
+    worker's ends of its two socket pairs, commands and reports (raises ``OSError``
+    where a socket pair or the fork cannot be made: nothing is left open)."""
+    # The worker's own socket module: under gevent or eventlet its reads of the reports
+    # wait on the hub (its commands are sent on the C library's socket: ``wire.raw``).
+    made: list[socket.socket] = []
+    try:
+        for _ in range(2):
+            made += socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        commands, theirs_commands, reports, theirs_reports = made
+        setup = Setup(theirs_commands, theirs_reports, watch, hang, serve)
+        pid = os.fork()
+    except OSError:
+        for sock in made:
+            sock.close()
+        raise
+    if pid == 0:  # the keeper: it never returns to Celery
+        try:
+            commands.close()
+            reports.close()
+            keep(setup)
+        finally:
+            os._exit(1)
+    theirs_commands.close()
+    theirs_reports.close()
+    return pid, commands, reports
 
 
 def keep(setup: Setup) -> None:

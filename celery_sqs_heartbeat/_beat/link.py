@@ -80,10 +80,6 @@ def supported() -> bool:
     return hasattr(os, "fork") and hasattr(socket, "SOCK_SEQPACKET")
 
 
-def _pair() -> tuple[socket.socket, socket.socket]:
-    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-
-
 class HeartbeatProcess:
     """The worker's side: it forks the keeper, feeds it, watches it, and replaces it;
     where no keeper can be kept, it beats from the worker's own process (*fallback*)."""
@@ -155,42 +151,16 @@ class HeartbeatProcess:
         if level is not None:
             self._level = level
         self._retire()
-        commands, theirs_commands = _pair()
-        try:
-            reports, theirs_reports = _pair()
-        except OSError:
-            commands.close()
-            theirs_commands.close()
-            raise
         config = Config(
             self._slots, self._clients, self._level, self._options, self.hang, os.getpid()
-        )
-        setup = _keeper.Setup(
-            theirs_commands,
-            theirs_reports,
-            self._watch,
-            self.hang,
-            functools.partial(serve, config),
         )
         # No keeper lives now: its watch starts fresh, so a new one that is slow to
         # turn the first time is given the hang limit from here, not from the last tick
         # of the one before.
         self._watch.fields.tick = time.monotonic()
-        try:
-            pid = os.fork()
-        except OSError:
-            for sock in (commands, theirs_commands, reports, theirs_reports):
-                sock.close()
-            raise
-        if pid == 0:  # the keeper: it never returns to Celery
-            try:
-                commands.close()
-                reports.close()
-                _keeper.keep(setup)
-            finally:
-                os._exit(1)
-        theirs_commands.close()
-        theirs_reports.close()
+        pid, commands, reports = _keeper.fork(
+            self._watch, self.hang, functools.partial(serve, config)
+        )
         reports.settimeout(LINK_POLL)
         self._reports, self.keeper = reports, pid
         self._commands = wire.raw(commands)
