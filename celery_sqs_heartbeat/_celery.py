@@ -163,6 +163,17 @@ def pool_process_index() -> int | None:
     return index if isinstance(index, int) else None
 
 
+def put_before_pool(w: Any, step: Any) -> None:
+    """Move worker *w*'s bootstep *step*, just included after the pool's, in front of
+    it: bootsteps are ordered by their requirements alone, and none can say "before"."""
+    from celery.worker.components import Pool
+
+    pool = next((s for s in w.steps if isinstance(s, Pool)), None)
+    if pool is not None:
+        w.steps.remove(step)
+        w.steps.insert(w.steps.index(pool), step)
+
+
 def kombu_loader(consumer: Any) -> Any:
     """The botocore data loader of a client kombu already made for *consumer*, or None.
 

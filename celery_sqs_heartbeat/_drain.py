@@ -43,16 +43,10 @@ class Drain(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def include(self, w: Any) -> bool:
         # Its close must come before the pool's, which drops the requests waiting for a
-        # pool process (billiard's Pool.close clears the worker's semaphore). Bootsteps
-        # are ordered by their requirements alone, and none can say "before": so this
-        # step, included just after the pool's, moves itself in front of it.
-        from celery.worker.components import Pool
-
+        # pool process (billiard's Pool.close clears the worker's semaphore).
         included = bool(super().include(w))
-        pool = next((s for s in w.steps if isinstance(s, Pool)), None)
-        if included and pool is not None:
-            w.steps.remove(self)
-            w.steps.insert(w.steps.index(pool), self)
+        if included:
+            _celery.put_before_pool(w, self)
         return included
 
     def close(self, w: Any) -> None:

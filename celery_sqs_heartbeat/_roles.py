@@ -4,15 +4,12 @@ A role is built at a named signal and replaced whole at fork (``_process``), so 
 handler asks which pool or process it runs in. Each composes two parts: what beats
 (``_beats``: a sidecar of its own, or the heartbeat process) and the task side (``_tasks``).
 
-=====================  ===========================  ==================================
-role                   beats                        tasks
-=====================  ===========================  ==================================
-:class:`Main`          a sidecar of its own         tell that sidecar (a pool that is
-                                                    not prefork, beats shared)
-:class:`Delegating`    the heartbeat process (``_beat``)  write a slot each
-:class:`Child`         none (the main process's)    write its slot
-``Role``, ``NotSQS``   none                         none
-=====================  ===========================  ==================================
+* :class:`Main` beats from a sidecar of its own: a prefork worker's main process, or
+  one whose tasks share its process; its tasks tell that sidecar directly.
+* :class:`Delegating` beats from the heartbeat process (``_beat``); its tasks write a
+  slot each.
+* :class:`Child`, a prefork pool child, beats nothing; its task writes its slot.
+* ``Role`` and :class:`NotSQS` do nothing.
 
 A bad setting stops the worker at ``worker_init`` (``SystemExit``: Celery swallows any
 ``Exception`` a handler raises).

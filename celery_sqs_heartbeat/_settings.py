@@ -211,8 +211,15 @@ def resolve(conf: Any, task: Any | None = None) -> HeartbeatOptions:
     )
 
 
+#: Settings renamed before the first release: set, they stop the worker (never ignored).
+RENAMED = {"sqs_heartbeat_beat_process": "sqs_heartbeat_own_process"}
+
+
 def heartbeat_process(conf: Any) -> bool:
     """Whether the worker may beat from a heartbeat process (``sqs_heartbeat_own_process``)."""
+    for old, new in RENAMED.items():
+        if conf.get(old) is not None:
+            raise ConfigurationError(old, conf.get(old), f"it is named {new} now")
     name = "sqs_heartbeat_own_process"
     value = conf.get(name, _BY_NAME[name].default)
     try:

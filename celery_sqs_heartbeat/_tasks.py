@@ -136,6 +136,8 @@ class SlotTasks:
         free = list(indexes)
         for index in free:
             slots.attach(index, os.getpid())
+        #: A process of one slot, and that slot.
+        self.single, self.index = len(free) == 1, free[0] if free else 0
         #: The slots no task uses. Taken and given back by the tasks' threads: a list's
         #: pop and append are atomic.
         self.free = free[::-1]
@@ -149,9 +151,8 @@ class SlotTasks:
         handle = receipt_handle(request)
         if handle is None or not self._enabled(task) or not acks_late(task):
             return
-        try:
-            index = self.free.pop()
-        except IndexError:
+        index = self._take()
+        if index is None:
             note_once(
                 "no-slot",
                 logging.WARNING,
@@ -161,14 +162,32 @@ class SlotTasks:
                 self.slots.capacity,
             )
             return
-        self.slots.started(index, key_of(handle))
+        try:
+            self.slots.started(index, key_of(handle))
+        except BaseException:
+            self.free.append(index)  # a slot that failed once is not lost for good
+            raise
         self.running[threading.get_ident(), task_id] = _Running(handle, request, index)
 
     def ended(self, task_id: str) -> None:
         running = self.running.pop((threading.get_ident(), task_id), None)
         if running is not None:
-            self.slots.ended(running.index)
-            self.free.append(running.index)
+            try:
+                self.slots.ended(running.index)
+            finally:
+                self.free.append(running.index)
+
+    def _take(self) -> int | None:
+        """A free slot; None if every one is taken. A process of one slot (a prefork
+        pool child, which runs one task at a time) takes it back from a task whose end
+        it never heard of, as the task starting now is the one that runs there."""
+        try:
+            return self.free.pop()
+        except IndexError:
+            if not self.single:
+                return None
+        self.running.clear()
+        return self.index
 
     def current(self, task: Any) -> TaskHeartbeat | None:
         running = self.running.get((threading.get_ident(), task.request.id))

@@ -10,7 +10,7 @@ It owns three things, each written by it alone:
   so it beats on even while every thread of the worker is starved (a task holding the
   GIL, a green task that never yields);
 * the commands on their way from the worker to the heartbeat process: read at once, and
-  kept in a bounded backlog while the heartbeat process does not read.
+  kept in a backlog (bounded by the held set) while the heartbeat process does not read.
 
 The keeper runs nothing of the worker's and only calls the system, so it stays
 responsive whatever the worker does. It ticks to the worker, which kills and replaces
@@ -44,13 +44,13 @@ __all__ = ["GAVE_UP", "Setup", "hang_limit", "keep"]
 #: the heartbeat process, in seconds.
 TICK = 0.2
 #: The bounds of how long a heartbeat process may go without a tick before the keeper kills
-#: it: never faster than a busy machine can be slow, never slower than a fifth of the
+#: it: never faster than a busy machine can be slow, never slower than a sixth of the
 #: default margin (120 - 30 s).
 HANG_MIN, HANG_MAX = 1.0, 15.0
 #: A heartbeat process (or a fork of one) that dies sooner than this after its start is
 #: forked again only after as long, so one that dies at once does not fork in a loop.
 RESPAWN_PAUSE = 1.0
-#: Beat processes in a row that die within :data:`QUICK_DEATH` of their start (or
+#: Heartbeat processes in a row that die within :data:`QUICK_DEATH` of their start (or
 #: cannot be forked) before the keeper gives up, and the worker beats in its own process.
 MAX_QUICK_DEATHS = 5
 QUICK_DEATH = 10.0
@@ -136,7 +136,7 @@ class _Keeper:
         self.started = self.last_tick = self.respawn_at = 0.0
         #: The heartbeat process before, how it ended, and when.
         self.old, self.how, self.died = 0, "", 0.0
-        #: Beat processes in a row that died young (or could not be forked), and why the
+        #: Heartbeat processes in a row that died young (or could not be forked), and why the
         #: last one did.
         self.quick, self.why = 0, ""
         self.fork = _system.original("os", "fork")

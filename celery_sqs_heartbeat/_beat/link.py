@@ -97,7 +97,7 @@ class HeartbeatProcess:
         self._slots = slots
         self._report = reporter
         self._clients = clients
-        #: The options of each task resolved at the worker's start, which the beat
+        #: The options of each task resolved at the worker's start, which the heartbeat
         #: process inherits: a message's options are sent only when they differ.
         self._options = options
         #: How long the keeper or a heartbeat process may go without a tick.

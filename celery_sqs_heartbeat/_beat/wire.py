@@ -1,22 +1,15 @@
 """The wire between a worker, its keeper and its heartbeat process: one type per kind of
 message, and the one encode and decode of them all.
 
-Every message is a packet of a ``SOCK_SEQPACKET`` socket pair. Who sends which:
+Every message is one packet of a ``SOCK_SEQPACKET`` socket pair. Who sends which:
 
-==============================  ==================================  =====================
-message                         from → to                           means
-==============================  ==================================  =====================
-:class:`Add`                    worker → keeper → heartbeat process      beat this message
-:class:`Acked`                  worker → keeper → heartbeat process      Celery acknowledged it
-:class:`Ask`                    worker → keeper → heartbeat process      a shutdown's question
-:class:`Tick`, :class:`Done`    heartbeat process → keeper               alive; no longer held
-:class:`Answered`,               heartbeat process → worker               reports (the reporter's)
-:class:`HeartbeatEnded`,
-:class:`Log`, :class:`Reply`,
-:class:`Dropped`
-:class:`Started`, :class:`GaveUp`  keeper → worker                  a heartbeat process forked;
-                                                                    the keeper's last word
-==============================  ==================================  =====================
+* worker → keeper → heartbeat process: :class:`Add` (beat this message),
+  :class:`Acked` (Celery acknowledged it), :class:`Ask` (a shutdown's question);
+* heartbeat process → keeper: :class:`Tick` (alive), :class:`Done` (no longer held);
+* heartbeat process → worker, the reporter's reports: :class:`Answered`,
+  :class:`HeartbeatEnded`, :class:`Log`, :class:`Reply`, :class:`Dropped`;
+* keeper → worker: :class:`Started` (a heartbeat process forked), :class:`GaveUp`
+  (its last word).
 """
 
 from __future__ import annotations

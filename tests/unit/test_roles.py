@@ -351,3 +351,67 @@ def test_a_task_without_acks_late_gets_no_handle(app: Celery, pool: str) -> None
     finally:
         early.pop_request()
         main.shutdown()
+
+
+def test_the_renamed_beat_process_setting_stops_the_worker(app: Celery) -> None:
+    """Set under its old name, the setting is not silently ignored."""
+    app.conf.sqs_heartbeat_beat_process = False
+    with pytest.raises(
+        SystemExit, match=r"sqs_heartbeat_beat_process=False.*named sqs_heartbeat_own_process"
+    ):
+        start_worker(app)
+
+
+class FlakySlots:
+    """Slots whose writes fail when told to, as a broken mutex's do (``SlotsBroken``)."""
+
+    capacity = 1
+
+    def __init__(self) -> None:
+        self.fail: set[str] = set()
+        self.started_keys: list[int] = []
+
+    def attach(self, index: int, pid: int) -> None: ...
+
+    def started(self, index: int, key: int) -> None:
+        if "started" in self.fail:
+            self.fail.discard("started")
+            raise OSError("started")
+        self.started_keys.append(key)
+
+    def ended(self, index: int) -> None:
+        if "ended" in self.fail:
+            self.fail.discard("ended")
+            raise OSError("ended")
+
+
+@pytest.mark.parametrize("failing", ["started", "ended", "no postrun"])
+def test_a_pool_childs_one_slot_outlives_a_failed_write(app: Celery, failing: str) -> None:
+    """A write of its slot that failed once (said by the handler's guard), or a task
+    whose end never came, leaves the child's one slot to its next task."""
+    from celery_sqs_heartbeat._tasks import SlotTasks
+
+    @app.task(name="signals.slotted")
+    def slotted() -> None: ...
+
+    slots = FlakySlots()
+    tasks = SlotTasks(app, {}, slots, [0])  # type: ignore[arg-type]
+    request = Stand(id="t1", properties={"delivery_tag": "rh-1"})
+    slotted.push_request(**vars(request))
+    try:
+        if failing == "started":
+            slots.fail.add("started")
+            with pytest.raises(OSError):
+                tasks.started(slotted, "t1")
+        else:
+            tasks.started(slotted, "t1")
+            if failing == "ended":
+                slots.fail.add("ended")
+                with pytest.raises(OSError):
+                    tasks.ended("t1")
+        tasks.started(slotted, "t2")
+        assert tasks.free == [] and len(tasks.running) == 1
+        tasks.ended("t2")
+        assert tasks.free == [0] and not tasks.running
+    finally:
+        slotted.pop_request()
