@@ -4,7 +4,7 @@
 beat: SQS, kombu, the heartbeat thread, the task) and ``docs/img/processes.svg`` (the
 processes of a worker, the seams between them and the modules that hold each part).
 They live here, beside the bench's charts, because the docs folder is published as it
-is; tests/test_diagrams.py checks that the committed files are what this script draws.
+is; tests/unit/test_diagrams.py checks that the committed files are what this script draws.
 
 The output is deterministic: the same labels give the same bytes. Text widths are
 estimated (no font is measured), so every label is wrapped to fit its box with room to
@@ -98,7 +98,7 @@ PROCESSES: dict[str, dict[str, Any]] = {
             ],
         ),
         "wire": (
-            "a socket pair, typed messages: main ↔ keeper ↔ heartbeat process",
+            "socket pairs: two main ↔ keeper, one keeper ↔ heartbeat process",
             "_beat/wire.py",
         ),
         "slots": ("the slots: the tasks write them, the heartbeat process reads them", "_slots"),
@@ -107,8 +107,8 @@ PROCESSES: dict[str, dict[str, Any]] = {
         "title": "One interface beats, in every worker",
         "interface": ("the thing that beats", "_beats.Beats"),
         "implemented": [
-            ("the sidecar, in a prefork main process", "_sidecar"),
-            ("the heartbeat process's link, in the others", "_beat/link.py"),
+            ("its own sidecar", "_beats.LocalBeats"),
+            ("heartbeat process", "_beat.HeartbeatProcess"),
         ],
         "users": [("the shutdown drain", "_drain"), ("the roles", "_roles")],
         "celery": ("Celery's internals are read in one module", "_celery"),
@@ -349,7 +349,7 @@ def processes(spec: dict[str, dict[str, Any]] = PROCESSES) -> str:
         "The processes of a worker and the seams between them",
         "A prefork worker: a main process that beats, pool children that run the tasks, "
         "and the slots between them. A threads, solo, gevent or eventlet worker: a main "
-        "process that runs the tasks, a keeper and a heartbeat process, joined by a socket pair "
+        "process that runs the tasks, a keeper and a heartbeat process, joined by socket pairs "
         "and the slots. Below, the one interface both beat through.",
     )
     pre, thr, beats = spec["prefork"], spec["threads"], spec["beats"]

@@ -166,9 +166,11 @@ def pool_process_index() -> int | None:
 def put_before_pool(w: Any, step: Any) -> None:
     """Move worker *w*'s bootstep *step*, just included after the pool's, in front of
     it: bootsteps are ordered by their requirements alone, and none can say "before"."""
-    from celery.worker.components import Pool
-
-    pool = next((s for s in w.steps if isinstance(s, Pool)), None)
+    try:
+        from celery.worker.components import Pool
+    except ImportError:  # moved: the drain runs after the pool's close, as it can
+        return
+    pool = next((s for s in getattr(w, "steps", ()) if isinstance(s, Pool)), None)
     if pool is not None:
         w.steps.remove(step)
         w.steps.insert(w.steps.index(pool), step)
