@@ -24,6 +24,7 @@ from typing import Any
 
 from . import signals
 from ._control import TaskHeartbeat
+from ._loss import Loss, LossReason, MessageLost
 from ._report import Stats
 from ._settings import SETTINGS, ConfigurationError, HeartbeatOptions, Setting
 
@@ -31,6 +32,9 @@ __all__ = [
     "SETTINGS",
     "ConfigurationError",
     "HeartbeatOptions",
+    "Loss",
+    "LossReason",
+    "MessageLost",
     "Setting",
     "Stats",
     "TaskHeartbeat",

@@ -75,6 +75,7 @@ def heartbeat_of(
     if not queue_url or message.acknowledged:
         return None  # not from SQS, or already settled
     now = time.monotonic()
+    sqs_message = message.delivery_info.get("sqs_message") or {}
     if carry_received:
         carried = request.request_dict
         carried["properties"] = {**(carried.get("properties") or {}), RECEIVED: now}
@@ -86,7 +87,19 @@ def heartbeat_of(
         task.name,
         request.id,
         (lambda: bool(message.acknowledged)) if settled else None,
+        message_id=str(sqs_message.get("MessageId") or ""),
+        receive_count=receive_count(sqs_message),
     )
+
+
+def receive_count(sqs_message: Any) -> int:
+    """SQS's ``ApproximateReceiveCount`` of a received message (kombu's raw
+    ``delivery_info["sqs_message"]``); 0 where kombu did not ask for it (5.5 does not,
+    unless ``fetch_message_attributes`` names it)."""
+    try:
+        return int(sqs_message["Attributes"]["ApproximateReceiveCount"])
+    except (KeyError, TypeError, ValueError):
+        return 0
 
 
 def running_heartbeat(

@@ -19,10 +19,11 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
-from ._heartbeat import Ended, Heartbeat, allowed
+from ._heartbeat import RECEIPT_ALLOWANCE, Ended, Heartbeat, allowed
+from ._loss import REASONS, Loss, loss_of, wall_clock
 from ._report import Reporter
 from ._send import Sender
 from ._settings import MAX_VISIBILITY_SECONDS, ConfigurationError, resolve_pace
@@ -33,6 +34,8 @@ from ._slots import Slots, key_of
 class _Control(Protocol):
     @property
     def heartbeat(self) -> Heartbeat: ...
+
+    def loss(self) -> Loss | None: ...
 
     def extend(self, seconds: int) -> bool: ...
 
@@ -45,6 +48,9 @@ class InProcess:
     def __init__(self, sidecar: Sidecar, hb: Heartbeat) -> None:
         self._sidecar = sidecar
         self.heartbeat = hb
+
+    def loss(self) -> Loss | None:
+        return loss_of(self.heartbeat)  # the sidecar's own heartbeat
 
     def extend(self, seconds: int) -> bool:
         return self._sidecar.extend(self.heartbeat, seconds)
@@ -71,6 +77,14 @@ class InChild:
         self.heartbeat = hb
         self._sender = sender
         self._report = reporter
+
+    def loss(self) -> Loss | None:
+        """As the beating process wrote it in the slot, or as this task's own extension
+        found it."""
+        said = self._slots.loss(self._index, self._key)
+        if said is not None:
+            return Loss.of(REASONS[said[0]], said[1])
+        return loss_of(self.heartbeat)
 
     def extend(self, seconds: int) -> bool:
         hb = self.heartbeat
@@ -128,10 +142,29 @@ class TaskHeartbeat:
     @property
     def active(self) -> bool:
         """Whether it still beats: False once it ended (message lost, or
-        ``sqs_heartbeat_max_duration`` reached). In a prefork pool child: False once the
-        task's own extension found the message gone or denied; the main process's
-        endings are not seen there."""
-        return self._control.heartbeat.ended is None
+        ``sqs_heartbeat_max_duration`` reached)."""
+        return self._control.heartbeat.ended is None and self._control.loss() is None
+
+    @property
+    def lost(self) -> Loss | None:
+        """None while the message is the task's own. Once it is not: why (a
+        :class:`LossReason`), and from when another worker may receive it. The process
+        that beats says it, in every pool, within one beat of the loss."""
+        return self._control.loss()
+
+    @property
+    def deadline(self) -> datetime | None:
+        """The latest time the heartbeat can keep the message hidden, known in advance:
+        SQS's 12-hour limit from the receipt, or ``sqs_heartbeat_max_duration`` from the
+        task's start plus one window, whichever comes first. From then on another worker
+        may receive the message. None before the task started."""
+        hb = self._control.heartbeat
+        if hb.started is None:
+            return None
+        limit = hb.received + MAX_VISIBILITY_SECONDS - RECEIPT_ALLOWANCE
+        if hb.options.max_duration is not None:
+            limit = min(limit, hb.started + hb.options.max_duration + hb.options.visibility_timeout)
+        return wall_clock(limit)
 
     @property
     def interval(self) -> float:

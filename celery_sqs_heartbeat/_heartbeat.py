@@ -149,10 +149,12 @@ class Heartbeat:
         "in_flight",
         "is_settled",
         "last_sent",
+        "message_id",
         "next_due",
         "options",
         "queue_url",
         "receipt_handle",
+        "receive_count",
         "received",
         "slot",
         "started",
@@ -170,8 +172,16 @@ class Heartbeat:
         task_name: str = "",
         task_id: str = "",
         is_settled: Callable[[], bool] | None = None,
+        *,
+        message_id: str = "",
+        receive_count: int = 0,
     ) -> None:
         self.receipt_handle = receipt_handle
+        #: SQS's id of the message, the same in every copy of it (receipt handles differ).
+        self.message_id = message_id
+        #: How many times SQS had handed the message out, this time included
+        #: (``ApproximateReceiveCount``; 0: unknown).
+        self.receive_count = receive_count
         self.queue_url = queue_url
         self.task_name = task_name
         self.task_id = task_id

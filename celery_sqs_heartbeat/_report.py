@@ -42,12 +42,15 @@ class Stats:
     failures: dict[str, int] = field(default_factory=dict)
     #: Heartbeats that ended without their task ending: the message may run again.
     messages_lost: int = 0
+    #: Messages received that SQS had handed out before (``ApproximateReceiveCount``
+    #: above 1): a retry's requeue, or a task that ran (or began) twice.
+    messages_redelivered: int = 0
 
 
 #: The counters of a block, in order, each a field of :class:`Stats`; the failures by
 #: class follow them.
-FIELDS = ("started", "stopped", "beats_sent", "late_beats", "messages_lost")
-STARTED, STOPPED, BEATS_SENT, LATE_BEATS, MESSAGES_LOST = range(len(FIELDS))
+FIELDS = ("started", "stopped", "beats_sent", "late_beats", "messages_lost", "messages_redelivered")
+STARTED, STOPPED, BEATS_SENT, LATE_BEATS, MESSAGES_LOST, MESSAGES_REDELIVERED = range(len(FIELDS))
 _FAILURE_INDEX = {f: len(FIELDS) + i for i, f in enumerate(Failure)}
 _BLOCK = ctypes.c_int64 * (len(FIELDS) + len(Failure))
 #: Bytes of one block, in memory shared with pool children.
@@ -178,6 +181,15 @@ class Reporter:
         self._denied_queues: set[str] = set()
 
     def started(self, hb: Heartbeat) -> None:
+        if hb.receive_count > 1:
+            self.counters.add(MESSAGES_REDELIVERED)
+            if signals.message_redelivered.receivers:
+                signals.message_redelivered.send(
+                    sender=None,
+                    message_id=hb.message_id,
+                    receive_count=hb.receive_count,
+                    **_common(hb),
+                )
         if signals.heartbeat_started.receivers:
             signals.heartbeat_started.send(
                 sender=None,
@@ -313,4 +325,17 @@ def say_stalled(hb: Heartbeat, waited: float) -> None:
         hb.task_id,
         waited,
         hb.options.visibility_timeout,
+    )
+
+
+def say_received_again(hb: Heartbeat) -> None:
+    """*hb*'s message was received again while its first copy is still in this worker."""
+    logger.warning(
+        "celery-sqs-heartbeat: task %s[%s] was received again (message %s, received %d "
+        "times) while its first copy still runs in this worker: its visibility ran out "
+        "(the window is too short, or beats failed), and the task runs twice.",
+        hb.task_name,
+        hb.task_id,
+        hb.message_id,
+        hb.receive_count,
     )

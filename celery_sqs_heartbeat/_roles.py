@@ -26,9 +26,10 @@ from ._beat import HeartbeatProcess, supported, warm_up
 from ._beats import LocalBeats
 from ._client import BrokerInfo
 from ._guard import note_once
+from ._heartbeat import Heartbeat
 from ._liveness import platform_report
 from ._process import Role
-from ._report import Counters, Reporter
+from ._report import Counters, Reporter, say_received_again
 from ._send import Sender
 from ._settings import (
     ConfigurationError,
@@ -90,6 +91,31 @@ def _say_shared(why: str, *, green: bool, margin: float) -> None:
     )
 
 
+class _Copies:
+    """The messages this worker received and Celery has not settled yet, by SQS message
+    id (the consumer's thread's own): a copy received while the first is still here
+    means its visibility ran out, and is said."""
+
+    #: Received messages between two sweeps of the settled ones: the map holds at most
+    #: this many more than the worker's unsettled messages.
+    SWEEP_EVERY = 1024
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, Any] = {}
+        self._received = 0
+
+    def received(self, hb: Heartbeat, message: Any) -> None:
+        if not hb.message_id:
+            return
+        first = self._by_id.get(hb.message_id)
+        if first is not None and not first.acknowledged:
+            say_received_again(hb)
+        self._by_id[hb.message_id] = message
+        self._received += 1
+        if self._received % self.SWEEP_EVERY == 0:
+            self._by_id = {k: m for k, m in self._by_id.items() if not m.acknowledged}
+
+
 class NotSQS(Role):
     """A worker with the heartbeat on, whose broker is not SQS."""
 
@@ -128,6 +154,7 @@ class Main(Role):
         self.local = LocalBeats(self._sidecar)
         self.beats = self.local
         self.tasks = SidecarTasks(lambda: self.local.running)
+        self.copies = _Copies()
 
     def received(self, request: Any) -> None:
         hb = _celery.heartbeat_of(
@@ -135,6 +162,7 @@ class Main(Role):
         )
         if hb is not None:
             self.beats.add(hb, request.message)
+            self.copies.received(hb, request.message)
 
     def ready(self, consumer: Any) -> None:
         if self.unfenced:
@@ -226,11 +254,13 @@ class Delegating(Role):
         )
         self.beats = self.heartbeat_process
         self.tasks = SlotTasks(app, options, slots, range(slots.capacity))
+        self.copies = _Copies()
 
     def received(self, request: Any) -> None:
         hb = _celery.heartbeat_of(request, self.options, carry_received=True, settled=False)
         if hb is not None:
             self.beats.add(hb, request.message)
+            self.copies.received(hb, request.message)
 
     def ready(self, consumer: Any) -> None:
         # Forked now: the consumer has connected, so kombu's client has parsed the SQS

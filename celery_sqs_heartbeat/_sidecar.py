@@ -19,6 +19,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import NamedTuple, Protocol
 
 from ._heartbeat import RIDE_FRACTION, STOP_WAIT, Ended, Heartbeat, Outcome, allowed
+from ._loss import CODES, reason_of
 from ._report import STARTED, STOPPED, Reports, Stats, say_stalled
 from ._send import MAX_BATCH, Answer, Sender
 from ._slots import SlotsBroken, SlotView, key_of
@@ -50,6 +51,8 @@ class Fence(Protocol):
     def begin(self, key: int, index: int | None) -> SlotView | None: ...
 
     def finish(self, index: int) -> None: ...
+
+    def lose(self, index: int, key: int, reason: int, until: float) -> None: ...
 
 
 class _Beat(NamedTuple):
@@ -148,15 +151,13 @@ class Sidecar:
         with self._lock:
             return self._beats.get(receipt_handle)
 
-    def run(self, receipt_handle: str) -> bool:
-        """Its task started in this process; False if the message has no heartbeat."""
+    def run(self, receipt_handle: str) -> Heartbeat | None:
+        """Its task started in this process: its heartbeat (None: the message has none)."""
         with self._lock:
             hb = self._beats.get(receipt_handle)
-            if hb is None:
-                return False
-            if hb.started is None:
+            if hb is not None and hb.started is None:
                 hb.started = self._clock()
-            return True
+            return hb
 
     def stop(self, receipt_handle: str, reason: Ended = Ended.TASK_ENDED) -> bool:
         """End the heartbeat of a message; once this returns no beat for it is sent."""
@@ -174,7 +175,7 @@ class Sidecar:
             beats = hb.beats
         if not answered:
             say_stalled(hb, STOP_WAIT)
-        self._report.ended(hb, beats)
+        self._say_ended(hb, beats)
         return hb
 
     # -- shutdown, from the worker's main thread ---------------------------------------
@@ -280,7 +281,19 @@ class Sidecar:
         """Report an applied answer (without the lock: receivers are user code)."""
         self._report.outcome(outcome)
         if outcome.ended:
-            self._report.ended(outcome.hb, outcome.beats, outcome.answer.detail)
+            self._say_ended(outcome.hb, outcome.beats, outcome.answer.detail)
+
+    def _say_ended(self, hb: Heartbeat, beats: int, detail: str = "") -> None:
+        """Report that *hb* ended (without the lock); and where its message was lost and
+        its task writes a slot, tell the task there (``current().lost``)."""
+        self._report.ended(hb, beats, detail)
+        reason = reason_of(hb.ended)
+        if reason is None or hb.slot is None or self._fence is None:
+            return
+        try:
+            self._fence.lose(hb.slot, key_of(hb.receipt_handle), CODES[reason], hb.visible_until)
+        except SlotsBroken as exc:
+            self._say_broken(exc)
 
     def stats(self) -> Stats:
         return self._report.counters.stats()
@@ -344,7 +357,7 @@ class Sidecar:
             ended = [hb for hb in found.settled if self._drop(hb) and hb.end(Ended.SETTLED)]
             requests = self._take(found.candidates)
         for hb in ended:
-            self._report.ended(hb, hb.beats)
+            self._say_ended(hb, hb.beats)
         for queue_url, entries in requests.items():
             for i in range(0, len(entries), MAX_BATCH):
                 self._executor.submit(self._deliver, queue_url, entries[i : i + MAX_BATCH])
@@ -443,7 +456,7 @@ class Sidecar:
                 if view.fenced:
                     self._finish(view.index)
         for hb in ended:
-            self._report.ended(hb, hb.beats)
+            self._say_ended(hb, hb.beats)
         for s in outcomes:
             self._tell(s)
 

@@ -98,6 +98,12 @@ class _Slot(ctypes.Structure):
         ("extended_for", ctypes.c_int64),
         #: The main process's field: its beats in flight for this slot's task.
         ("in_flight", ctypes.c_int64),
+        #: The beating process's: the heartbeat of the task of message ``lost_key``
+        #: ended with its message lost, why (``_loss.CODES``), and until when it stays
+        #: hidden (CLOCK_MONOTONIC).
+        ("lost_key", ctypes.c_uint64),
+        ("lost_reason", ctypes.c_int64),
+        ("lost_until", ctypes.c_double),
     ]
 
 
@@ -310,6 +316,21 @@ class Slots:
             slot.interval, slot.visibility_timeout = interval, visibility_timeout
             slot.pace_key = key  # last: a write cut short is never read
             return True
+
+    def lose(self, index: int, key: int, reason: int, until: float) -> None:
+        """The beating process: the heartbeat of the task of message *key* ended with
+        its message lost (*reason*), hidden until *until*. Said only to that task."""
+        with self._locked(index) as slot:
+            if slot.key == key:
+                slot.lost_reason, slot.lost_until = reason, until
+                slot.lost_key = key  # last: a write cut short is never read
+
+    def loss(self, index: int, key: int) -> tuple[int, float] | None:
+        """The task of message *key*: its message's loss, as :meth:`lose` said it."""
+        with self._locked(index) as slot:
+            if slot.lost_key != key:
+                return None
+            return int(slot.lost_reason), float(slot.lost_until)
 
     @contextlib.contextmanager
     def extending(self, index: int, key: int) -> Iterator[bool]:

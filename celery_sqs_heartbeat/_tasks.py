@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -85,41 +86,41 @@ class SidecarTasks:
 
     def __init__(self, sidecar: Callable[[], Sidecar | None]) -> None:
         self._sidecar = sidecar
-        #: Receipt handle of each task running here, by (thread, task id): kombu may
-        #: change the message's properties after prerun (requeue), and a retried task
-        #: keeps its id but runs in another thread (or after this one ends).
-        self.running: dict[tuple[int, str], str] = {}
+        #: The control of each task running here, by (thread, task id): kombu may change
+        #: the message's properties after prerun (requeue), and a retried task keeps its
+        #: id but runs in another thread (or after this one ends). Kept for the whole
+        #: task, after its heartbeat ended too: it says why (``lost``).
+        self.running: dict[tuple[int, str], TaskHeartbeat] = {}
 
     def started(self, task: Any, task_id: str) -> None:
         sidecar = self._sidecar()
         if sidecar is None or not acks_late(task):
             return
         handle = receipt_handle(task.request)
-        if handle is not None and sidecar.run(handle):
-            self.running[threading.get_ident(), task_id] = handle
+        hb = None if handle is None else sidecar.run(handle)
+        if hb is not None:
+            self.running[threading.get_ident(), task_id] = TaskHeartbeat(InProcess(sidecar, hb))
 
     def ended(self, task_id: str) -> None:
-        handle = self.running.pop((threading.get_ident(), task_id), None)
+        running = self.running.pop((threading.get_ident(), task_id), None)
         sidecar = self._sidecar()
-        if handle is not None and sidecar is not None:
-            sidecar.stop(handle)
+        if running is not None and sidecar is not None:
+            sidecar.stop(running.receipt_handle)
 
     def current(self, task: Any) -> TaskHeartbeat | None:
-        handle = self.running.get((threading.get_ident(), task.request.id))
-        sidecar = self._sidecar()
-        hb = None if handle is None or sidecar is None else sidecar.get(handle)
-        return None if hb is None or sidecar is None else TaskHeartbeat(InProcess(sidecar, hb))
+        return self.running.get((threading.get_ident(), task.request.id))
 
 
 class _Running:
     """A task that writes a slot: the slot, and its manual control once asked for."""
 
-    __slots__ = ("handle", "index", "receipt_handle", "request")
+    __slots__ = ("handle", "index", "receipt_handle", "request", "started")
 
     def __init__(self, receipt_handle: str, request: Any, index: int) -> None:
         self.receipt_handle = receipt_handle
         self.request = request
         self.index = index
+        self.started = time.monotonic()
         self.handle: TaskHeartbeat | None = None
 
 
@@ -195,6 +196,7 @@ class SlotTasks:
             return None
         if running.handle is None:
             hb = running_heartbeat(task, running.receipt_handle, running.request, self.options)
+            hb.started = running.started
             counters = Counters(*self.slots.counter_blocks(running.index))
             reporter = Reporter(counters, region=lambda: None)
             control = InChild(self.slots, running.index, hb, self._sender, reporter)

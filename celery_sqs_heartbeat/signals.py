@@ -13,7 +13,8 @@ task's own ``extend()``, below), and carries ``task_name``, ``task_id``,
 ``receipt_handle`` and ``queue_url``. Where each one comes from:
 
 * ``heartbeat_started``: ``task_received``, in the thread that receives the message, for
-  every message (keep receivers quick: they add to every message).
+  every message (keep receivers quick: they add to every message); and
+  ``message_redelivered`` there, for a message SQS had handed out before.
 * ``heartbeat_stopped``: when the heartbeat next looks at the message after the task
   ended, usually once Celery has settled it (``"message settled"``), up to an interval
   after the end: in a prefork worker from its loop thread, in the other pools from the
@@ -37,6 +38,7 @@ __all__ = [
     "heartbeat_started",
     "heartbeat_stopped",
     "message_lost",
+    "message_redelivered",
 ]
 
 _COMMON = {"task_name", "task_id", "receipt_handle", "queue_url"}
@@ -62,6 +64,12 @@ beat_failed = Signal(
 #: The heartbeat can no longer keep the message (gone, denied, lost, limits): it may run
 #: again elsewhere. Also: ``reason``.
 message_lost = Signal(name="sqs_heartbeat_message_lost", providing_args=_COMMON | {"reason"})
+#: A message was received that SQS had handed out before (``ApproximateReceiveCount``
+#: above 1), at ``task_received``. Also: ``message_id``, ``receive_count``.
+message_redelivered = Signal(
+    name="sqs_heartbeat_message_redelivered",
+    providing_args=_COMMON | {"message_id", "receive_count"},
+)
 #: A heartbeat ended. Also: ``reason`` (``"task ended"`` or why it stopped early) and
 #: ``beats``.
 heartbeat_stopped = Signal(

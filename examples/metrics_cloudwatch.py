@@ -68,3 +68,8 @@ def _beat_failed(queue_url: str, failure: str, task_name: str, **_: Any) -> None
 @signals.message_lost.connect
 def _message_lost(queue_url: str, reason: str, task_name: str, **_: Any) -> None:
     emit({"MessagesLost": (1, "Count")}, queue_url, TaskName=task_name, Reason=reason)
+
+
+@signals.message_redelivered.connect
+def _message_redelivered(queue_url: str, task_name: str, **_: Any) -> None:
+    emit({"MessagesRedelivered": (1, "Count")}, queue_url, TaskName=task_name)

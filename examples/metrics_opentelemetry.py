@@ -50,6 +50,11 @@ LOST = meter.create_counter(
     unit="{message}",
     description="Heartbeats that ended before their task: the message may run again.",
 )
+REDELIVERED = meter.create_counter(
+    "celery_sqs_heartbeat.messages.redelivered",
+    unit="{message}",
+    description="Messages received that SQS had handed out before: a retry, or a task run twice.",
+)
 
 
 def queue_name(queue_url: str) -> str:
@@ -80,3 +85,8 @@ def _beat_failed(failure: str, **_: Any) -> None:
 @signals.message_lost.connect
 def _message_lost(reason: str, **_: Any) -> None:
     LOST.add(1, {"reason": reason})
+
+
+@signals.message_redelivered.connect
+def _message_redelivered(queue_url: str, **_: Any) -> None:
+    REDELIVERED.add(1, {"queue": queue_name(queue_url)})

@@ -46,6 +46,11 @@ LOST = Counter(
     "Heartbeats that ended before their task: the message may run again.",
     ["reason"],
 )
+REDELIVERED = Counter(
+    "celery_sqs_heartbeat_messages_redelivered",
+    "Messages received that SQS had handed out before: a retry, or a task run twice.",
+    ["queue"],
+)
 
 
 def queue_name(queue_url: str) -> str:
@@ -76,6 +81,11 @@ def _beat_failed(failure: str, **_: Any) -> None:
 @signals.message_lost.connect
 def _message_lost(reason: str, **_: Any) -> None:
     LOST.labels(reason=reason).inc()
+
+
+@signals.message_redelivered.connect
+def _message_redelivered(queue_url: str, **_: Any) -> None:
+    REDELIVERED.labels(queue=queue_name(queue_url)).inc()
 
 
 @celery_signals.worker_ready.connect

@@ -251,3 +251,31 @@ if os.environ.get("SQSHB_FAIL_FORK"):
         raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
 
     os.fork = _no_fork
+
+
+@app.task(bind=True)
+def until_lost(self, max_seconds: float) -> None:
+    """Runs until ``current()`` says its message is lost (at most *max_seconds*), records
+    what it said, and ends at once: a task that learnt in time runs once."""
+    import celery_sqs_heartbeat
+
+    request = self.request
+    record("start", request.id, retries=request.retries)
+    hb = celery_sqs_heartbeat.current()
+    deadline = time.monotonic() + max_seconds
+    lost = None
+    while hb is not None and time.monotonic() < deadline:
+        lost = hb.lost
+        if lost is not None:
+            break
+        time.sleep(0.05)
+    record(
+        "lost",
+        request.id,
+        found=hb is not None,
+        reason=lost.reason.name if lost else None,
+        visible_at=lost.visible_at.timestamp() if lost and lost.visible_at else None,
+        deadline=hb.deadline.timestamp() if hb is not None and hb.deadline else None,
+        active=hb.active if hb is not None else None,
+    )
+    record("end", request.id, retries=request.retries)

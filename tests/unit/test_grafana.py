@@ -39,6 +39,7 @@ FAMILIES = {
     "celery_sqs_heartbeat_beat_lateness_seconds": "lateness",
     "celery_sqs_heartbeat_beat_failures": "failures by class",
     "celery_sqs_heartbeat_messages_lost": "lost messages",
+    "celery_sqs_heartbeat_messages_redelivered": "redelivered messages",
 }
 
 
@@ -121,7 +122,7 @@ def label_names(expr: str) -> set[str]:
 
 
 def test_the_recipe_defines_every_family_the_dashboard_shows() -> None:
-    """Guards the source parser: it finds the recipe's five metrics and their labels."""
+    """Guards the source parser: it finds the recipe's six metrics and their labels."""
     metrics = recipe_metrics()
     assert set(FAMILIES) <= set(metrics)
     assert metrics["celery_sqs_heartbeat_beat_failures"] == ("Counter", ("failure",))
@@ -161,7 +162,8 @@ def test_every_label_used_is_one_the_metric_has() -> None:
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_the_dashboard_shows_each_family(family: str) -> None:
-    """Active heartbeats, beats, lateness, failures by class, lost messages: each queried."""
+    """Active heartbeats, beats, lateness, failures by class, lost and redelivered
+    messages: each queried."""
     names = {name for _, expr in queries() for name in metric_names(expr)}
     assert any(n == family or n.startswith(family + "_") for n in names), FAMILIES[family]
 

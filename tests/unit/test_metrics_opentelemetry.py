@@ -93,6 +93,7 @@ def one_heartbeat() -> None:
     )
     signals.message_lost.send(sender=None, reason="denied", **COMMON)
     signals.heartbeat_stopped.send(sender=None, reason="denied", beats=3, **COMMON)
+    signals.message_redelivered.send(sender=None, message_id="m", receive_count=2, **COMMON)
 
 
 def test_each_signal_is_recorded_like_the_prometheus_recipe_does(readers: Any) -> None:
@@ -115,6 +116,7 @@ def test_each_signal_is_recorded_like_the_prometheus_recipe_does(readers: Any) -
     assert added("celery_sqs_heartbeat.beats", (("queue", "videos"),)) == 3
     assert added("celery_sqs_heartbeat.beat.failures", (("failure", "denied"),)) == 1
     assert added("celery_sqs_heartbeat.messages.lost", (("reason", "denied"),)) == 1
+    assert added("celery_sqs_heartbeat.messages.redelivered", (("queue", "videos"),)) == 1
     lateness = after["celery_sqs_heartbeat.beat.lateness", ()]
     assert lateness.count - _count(before) == 3
     assert list(lateness.explicit_bounds) == [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
