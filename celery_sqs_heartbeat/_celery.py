@@ -10,6 +10,8 @@ series (5.4 to 5.7): when Celery or kombu changes, this is the one file to read 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
 import time
@@ -56,7 +58,12 @@ def late_options(task: Any) -> HeartbeatOptions:
 
 
 def heartbeat_of(
-    request: Any, known: dict[str, HeartbeatOptions], *, carry_received: bool, settled: bool
+    request: Any,
+    known: dict[str, HeartbeatOptions],
+    *,
+    carry_received: bool,
+    settled: bool,
+    time_limit: float | None = None,
 ) -> Heartbeat | None:
     """The heartbeat of a message just received (``task_received``'s *request*), or
     None if it gets none.
@@ -64,12 +71,18 @@ def heartbeat_of(
     *known* holds the options resolved at the worker's start. With *carry_received*
     the request carries the receipt time to the process that runs its task
     (:data:`RECEIVED`). With *settled* the heartbeat asks Celery's message whether
-    Celery acknowledged it."""
+    Celery acknowledged it. Given *time_limit* (the worker's, in a pool that kills a
+    task at its hard limit), the task's hard limit is its ``max_duration`` unless it
+    sets one (:func:`hard_limit`)."""
     # For every message: a few lookups, one small object.
     task = request.task
     options = known.get(task.name) or late_options(task)
     if not options.enabled:
         return None
+    if time_limit is not None and options.max_duration is None:
+        limit = hard_limit(request, task, time_limit)
+        if limit:
+            options = _bounded(options, limit)
     message = request.message
     queue_url = (message.delivery_info or {}).get("sqs_queue")
     if not queue_url or message.acknowledged:
@@ -90,6 +103,27 @@ def heartbeat_of(
         message_id=str(sqs_message.get("MessageId") or ""),
         receive_count=receive_count(sqs_message),
     )
+
+
+def hard_limit(request: Any, task: Any, worker: float) -> float | None:
+    """The hard time limit Celery gives *request*'s task: the message's own
+    (``apply_async(time_limit=...)``), the task's, or the *worker*'s (0: none), as
+    ``Request.execute_using_pool`` picks it."""
+    limits = getattr(request, "time_limits", None) or (None, None)
+    limit = limits[0] or getattr(task, "time_limit", None) or worker
+    return float(limit) if isinstance(limit, (int, float)) and limit > 0 else None
+
+
+@functools.lru_cache(maxsize=256)
+def _bounded(options: HeartbeatOptions, limit: float) -> HeartbeatOptions:
+    """*options* with *limit* for ``max_duration``: one object per task and limit."""
+    return dataclasses.replace(options, max_duration=limit)
+
+
+def worker_time_limit(worker: Any) -> float:
+    """The worker's own hard time limit (``--time-limit``, ``task_time_limit``; 0: none)."""
+    limit = getattr(worker, "time_limit", None)
+    return float(limit) if isinstance(limit, (int, float)) and limit > 0 else 0.0
 
 
 def receive_count(sqs_message: Any) -> int:

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ._quiet import untraced
+
 #: kombu's region when neither the transport options nor the environment name one.
 DEFAULT_REGION = "us-east-1"
 #: Upper bound for the client's connect and read time-outs, in seconds. A beat must
@@ -167,7 +169,7 @@ class Clients:
         kwargs: dict[str, Any] = {"use_ssl": self.broker.is_secure}
         if self.broker.endpoint_url is not None:
             kwargs["endpoint_url"] = self.broker.endpoint_url
-        return session.client("sqs", config=config, **kwargs)
+        return untraced(session.client("sqs", config=config, **kwargs))
 
 
 def _assumed_role_session(core: Any, role_arn: str, duration: int, region: str) -> Any:
@@ -176,7 +178,7 @@ def _assumed_role_session(core: Any, role_arn: str, duration: int, region: str) 
     import boto3
     from botocore.credentials import RefreshableCredentials
 
-    sts = boto3.client("sts", region_name=region)
+    sts = untraced(boto3.client("sts", region_name=region))
 
     def fetch() -> dict[str, str]:
         creds = sts.assume_role(

@@ -14,6 +14,13 @@ threads never carry one), is left alone: it is the task's work, on the task's ti
 shows in the task's trace as a child span like any other SQS call the task makes (as
 Sentry's boto3 integration, which only makes spans inside a transaction, shows it too).
 
+Datadog's ``ddtrace`` patches the same method, and its only switches are app-wide. It
+looks for its per-object settings (a "pin") on the client before each call, and traces
+nothing for an object whose pin is None: :func:`untraced` gives the heartbeat's own
+clients that, and leaves every other client and the user's tracer as they are. A
+ddtrace that stops reading it only brings the spans back (``tests/unit/test_ddtrace.py``
+tells).
+
 OpenTelemetry is never imported here: it is used only when something else in the
 process already imported ``opentelemetry.instrumentation.utils``, as every
 OpenTelemetry instrumentation does. Without it, a call costs one dictionary look-up.
@@ -29,7 +36,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
-__all__ = ["quiet", "quietly"]
+__all__ = ["quiet", "quietly", "untraced"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -41,6 +48,9 @@ logger = logging.getLogger("celery_sqs_heartbeat")
 OTEL_UTILS = "opentelemetry.instrumentation.utils"
 
 _NOTHING: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+#: The attribute ddtrace reads its pin from, on an object it traces (``ddtrace._trace.pin``).
+DDTRACE_PIN = "_datadog_pin"
+
 #: OpenTelemetry's helpers once found: (the suppressions to enter, "in a span now?").
 _otel: tuple[tuple[Callable[[], Any], ...], Callable[[], bool]] | None = None
 
@@ -66,6 +76,14 @@ def quiet() -> contextlib.AbstractContextManager[Any]:
         logger.debug("celery-sqs-heartbeat: OpenTelemetry's suppression failed", exc_info=True)
         return _NOTHING
     return stack
+
+
+def untraced(client: R) -> R:
+    """*client* (one of the heartbeat's own boto3 clients), for which ddtrace makes no
+    span, whether ddtrace is loaded now, later, or never."""
+    with contextlib.suppress(Exception):  # a client that takes no attribute: traced
+        setattr(client, DDTRACE_PIN, None)
+    return client
 
 
 def quietly(func: Callable[P, R]) -> Callable[P, R]:

@@ -139,6 +139,7 @@ class Main(Role):
         *,
         unfenced: bool = False,
         shared: str = "",
+        time_limit: float | None = None,
     ) -> None:
         super().__init__()
         self.app = app
@@ -149,6 +150,9 @@ class Main(Role):
         self.unfenced = unfenced
         #: In another pool, why the beats share the tasks' process (no heartbeat process).
         self.shared = shared
+        #: In a prefork pool, which kills a task at its hard time limit: the worker's
+        #: own limit (0: none). A task's hard limit is then its max_duration by default.
+        self.time_limit = time_limit
         if slots is not None:
             self.counters = Counters(*slots.counter_blocks(None))
         self.local = LocalBeats(self._sidecar)
@@ -158,7 +162,11 @@ class Main(Role):
 
     def received(self, request: Any) -> None:
         hb = _celery.heartbeat_of(
-            request, self.options, carry_received=self.slots is not None, settled=True
+            request,
+            self.options,
+            carry_received=self.slots is not None,
+            settled=True,
+            time_limit=self.time_limit,
         )
         if hb is not None:
             self.beats.add(hb, request.message)
@@ -313,13 +321,14 @@ def for_worker(worker: Any) -> Role:
             if separate
             else Main(app, options, None, shared="sqs_heartbeat_own_process is False")
         )
+    limit = _celery.worker_time_limit(worker)  # prefork kills a task at its hard limit
     if not available():
-        return Main(app, options, None, unfenced=True)
+        return Main(app, options, None, unfenced=True, time_limit=limit)
     try:
         slots = Slots(_celery.pool_size(worker))  # before the pool forks: every child inherits it
     except OSError:  # the functions exist, but the kernel has no robust lists (qemu-user)
-        return Main(app, options, None, unfenced=True)
-    return Main(app, options, slots)
+        return Main(app, options, None, unfenced=True, time_limit=limit)
+    return Main(app, options, slots, time_limit=limit)
 
 
 def _delegating(worker: Any, options: dict[str, HeartbeatOptions]) -> Role:

@@ -127,7 +127,8 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         "seconds or None",
         "Stop beating one task after this long, so a stuck task's message is redelivered."
-        " None: beat until SQS's 12-hour limit.",
+        " None: beat until SQS's 12-hour limit, or, in a prefork worker, until the task's"
+        " hard time limit.",
         _parse_max_duration,
     ),
     Setting(

@@ -200,3 +200,72 @@ def test_a_copy_received_while_the_first_is_unsettled_is_said(
         SimpleNamespace(acknowledged=False),
     )
     assert not caplog.records
+
+
+# -- a hard time limit bounds the heartbeat -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "task", "worker", "max_duration", "expected"),
+    [
+        ((None, None), 5, 0.0, None, 5.0),  # the task's time_limit
+        ((3, None), 5, 0.0, None, 3.0),  # apply_async(time_limit=3) wins, as in Celery
+        ((None, None), None, 7.0, None, 7.0),  # the worker's --time-limit
+        ((None, None), None, 0.0, None, None),  # no limit at all
+        ((None, None), 5, 0.0, 60.0, 60.0),  # the task's own max_duration stays
+        ((None, None), 5, None, None, None),  # a pool that kills nothing at the limit
+    ],
+)
+def test_a_prefork_tasks_hard_time_limit_is_its_max_duration_by_default(
+    message: tuple[int | None, int | None],
+    task: int | None,
+    worker: float | None,
+    max_duration: float | None,
+    expected: float | None,
+) -> None:
+    """The pool kills the task then: no beat needs to go past it."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from celery_sqs_heartbeat._celery import heartbeat_of
+
+    options = dataclasses.replace(OPTIONS, max_duration=max_duration)
+    sqs_message = SimpleNamespace(
+        delivery_info={"sqs_queue": "q"}, delivery_tag="rh", acknowledged=False
+    )
+    request = SimpleNamespace(
+        task=SimpleNamespace(name="t", time_limit=task),
+        message=sqs_message,
+        id="id",
+        request_dict={},
+        time_limits=message,
+    )
+    hb = heartbeat_of(
+        request, {"t": options}, carry_received=False, settled=True, time_limit=worker
+    )
+    assert hb is not None and hb.options.max_duration == expected
+
+
+def test_only_a_prefork_worker_bounds_the_heartbeat_by_the_time_limit() -> None:
+    """The threads, solo and eventlet pools enforce no hard limit, and gevent's cannot
+    stop a greenlet that never yields: there a bound would let the message go while its
+    task still runs."""
+    from types import SimpleNamespace
+
+    from celery import Celery
+
+    from celery_sqs_heartbeat import _roles
+
+    app = Celery("limits", broker="sqs://127.0.0.1:9", set_as_current=False)
+    app.conf.update(sqs_heartbeat_enabled=True, task_acks_late=True)
+
+    @app.task(name="limits.t")
+    def t() -> None: ...
+
+    found = {}
+    for pool in ("prefork", "threads", "gevent"):
+        worker = SimpleNamespace(app=app, pool_cls=pool, concurrency=1, options={}, time_limit=300)
+        role = _roles.for_worker(worker)
+        found[pool] = getattr(role, "time_limit", None)
+        role.shutdown()
+    assert found == {"prefork": 300.0, "threads": None, "gevent": None}
