@@ -272,6 +272,7 @@ def until_lost(self, max_seconds: float) -> None:
     record(
         "lost",
         request.id,
+        retries=request.retries,
         found=hb is not None,
         reason=lost.reason.name if lost else None,
         visible_at=lost.visible_at.timestamp() if lost and lost.visible_at else None,
