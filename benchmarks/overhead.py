@@ -171,7 +171,7 @@ def run() -> dict[str, Any]:
     assert isinstance(threads, _roles.Main) and isinstance(prefork, _roles.Main)
     assert isinstance(delegating, _roles.Delegating)
     assert prefork.slots is not None
-    threads.start()
+    threads.local.start()
     child = _roles.Child(prefork, prefork.slots, 0)
     arms: dict[str, tuple[Any, list[tuple[Any, Any]]]] = {
         "heartbeat": (threads, handlers),

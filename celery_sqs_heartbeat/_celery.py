@@ -130,9 +130,11 @@ def receive_count(sqs_message: Any) -> int:
     """SQS's ``ApproximateReceiveCount`` of a received message (kombu's raw
     ``delivery_info["sqs_message"]``); 0 where kombu did not ask for it (5.5 does not,
     unless ``fetch_message_attributes`` names it)."""
+    attributes = sqs_message.get("Attributes") if isinstance(sqs_message, dict) else None
+    count = attributes.get("ApproximateReceiveCount") if attributes else None
     try:
-        return int(sqs_message["Attributes"]["ApproximateReceiveCount"])
-    except (KeyError, TypeError, ValueError):
+        return int(count) if count else 0
+    except (TypeError, ValueError):
         return 0
 
 
@@ -158,6 +160,25 @@ def receipt_handle(request: Any) -> str | None:
         return request.properties["delivery_tag"]  # type: ignore[no-any-return]
     except (TypeError, KeyError):
         return None
+
+
+def give_up(request: Any) -> None:
+    """Leave *request*'s message alone for good: its receipt handle is stale (another
+    worker may own the message), so neither Celery's failure handling (it checks
+    ``acknowledged`` before it acks, rejects or requeues) nor kombu's release at exit
+    may send it."""
+    request.acknowledged = True
+    forget(request.message)
+
+
+def expect(app: Any, error: type[BaseException], names: list[str]) -> None:
+    """Make *error* one the tasks *names* are expected to raise (``Task.throws``):
+    Celery records it as their failure, and logs it at INFO, not as a bug at ERROR."""
+    for name in names:
+        task = app.tasks.get(name)
+        throws = tuple(getattr(task, "throws", ()) or ())
+        if task is not None and error not in throws:
+            task.throws = (*throws, error)
 
 
 def forget(message: Any) -> None:

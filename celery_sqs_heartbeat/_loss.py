@@ -80,13 +80,37 @@ def wall_clock(monotonic: float) -> datetime | None:
     return datetime.fromtimestamp(time.time() + monotonic - time.monotonic(), timezone.utc)
 
 
-class MessageLost(Exception):
-    """Raised in a task whose message was lost, where ``sqs_heartbeat_interrupt`` is on."""
+#: What :class:`MessageLost` says where the loss itself is not known.
+LOST_TEXT = "the task's SQS message is no longer its own"
 
-    def __init__(self, loss: Loss) -> None:
-        self.loss = loss
-        when = loss.visible_at.isoformat() if loss.visible_at else "its queue's timeout"
-        super().__init__(
-            f"the task's SQS message is no longer its own ({loss.reason.value}); another "
-            f"worker may receive it from {when}"
-        )
+
+class MessageLost(Exception):
+    """Raised in a task whose message was lost, where ``sqs_heartbeat_interrupt`` is on.
+
+    Celery records the task as failed with it; its message is neither deleted nor made
+    visible by this worker (another may own it by now). Raised from another thread (the
+    threads and solo pools, greenlets) it is made without arguments, and reads the loss
+    from ``current()`` in the task."""
+
+    def __init__(self, loss: Loss | str | None = None) -> None:
+        if loss is None:
+            loss = _current_loss()
+        self.loss = loss if isinstance(loss, Loss) else None
+        if isinstance(loss, Loss):
+            when = loss.visible_at.isoformat() if loss.visible_at else "its queue's timeout"
+            loss = (
+                f"the task's SQS message is no longer its own ({loss.reason.value}); "
+                f"another worker may receive it from {when}"
+            )
+        super().__init__(loss or LOST_TEXT)
+
+
+def _current_loss() -> Loss | None:
+    """The loss of the task running in this thread, where it has one."""
+    try:
+        import celery_sqs_heartbeat
+
+        hb = celery_sqs_heartbeat.current()
+        return None if hb is None else hb.lost
+    except Exception:
+        return None

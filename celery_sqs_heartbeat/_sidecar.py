@@ -92,6 +92,7 @@ class Sidecar:
         jitter: Callable[[], float] = random.random,
         executor: Executor | None = None,
         wake_every: float = math.inf,
+        on_lost: Callable[[Heartbeat], None] | None = None,
     ) -> None:
         self._sender = sender
         self._report = reporter
@@ -99,6 +100,8 @@ class Sidecar:
         self._counts = reporter.counters.own
         self._call_timeout = call_timeout
         self._fence = fence
+        #: Told of each heartbeat that ended with its message lost (without the lock).
+        self._on_lost = on_lost
         self._clock = clock
         self._jitter = jitter
         #: Every heartbeat not yet ended, by receipt handle.
@@ -284,16 +287,20 @@ class Sidecar:
             self._say_ended(outcome.hb, outcome.beats, outcome.answer.detail)
 
     def _say_ended(self, hb: Heartbeat, beats: int, detail: str = "") -> None:
-        """Report that *hb* ended (without the lock); and where its message was lost and
-        its task writes a slot, tell the task there (``current().lost``)."""
-        self._report.ended(hb, beats, detail)
+        """Report that *hb* ended (without the lock); where its message was lost and its
+        task writes a slot, tell the task there first (``current().lost``): whoever
+        hears of the end may look there at once."""
         reason = reason_of(hb.ended)
-        if reason is None or hb.slot is None or self._fence is None:
-            return
-        try:
-            self._fence.lose(hb.slot, key_of(hb.receipt_handle), CODES[reason], hb.visible_until)
-        except SlotsBroken as exc:
-            self._say_broken(exc)
+        if reason is not None and hb.slot is not None and self._fence is not None:
+            try:
+                self._fence.lose(
+                    hb.slot, key_of(hb.receipt_handle), CODES[reason], hb.visible_until
+                )
+            except SlotsBroken as exc:
+                self._say_broken(exc)
+        self._report.ended(hb, beats, detail)
+        if reason is not None and self._on_lost is not None:
+            self._on_lost(hb)
 
     def stats(self) -> Stats:
         return self._report.counters.stats()

@@ -181,23 +181,23 @@ def test_a_copy_received_while_the_first_is_unsettled_is_said(
 ) -> None:
     from types import SimpleNamespace
 
-    from celery_sqs_heartbeat._roles import _Copies
+    from celery_sqs_heartbeat._roles import _Received
 
-    copies = _Copies()
+    copies = _Received()
     first = SimpleNamespace(acknowledged=False)
     hb = Heartbeat("rh-1", "q", OPTIONS, 0.0, "t", "id", message_id="m", receive_count=1)
-    copies.received(hb, first)
+    copies.received(hb, SimpleNamespace(message=first, acknowledged=False))
     assert not caplog.records
     again = Heartbeat("rh-2", "q", OPTIONS, 0.0, "t", "id", message_id="m", receive_count=2)
     second = SimpleNamespace(acknowledged=False)
-    copies.received(again, second)
+    copies.received(again, SimpleNamespace(message=second, acknowledged=False))
     (record,) = caplog.records
     assert record.levelname == "WARNING" and "received again (message m" in record.getMessage()
     caplog.clear()
     second.acknowledged = True  # Celery settled the second copy: a third is no duplicate here
     copies.received(
         Heartbeat("rh-3", "q", OPTIONS, 0.0, "t", "id", message_id="m", receive_count=3),
-        SimpleNamespace(acknowledged=False),
+        SimpleNamespace(message=SimpleNamespace(acknowledged=False), acknowledged=False),
     )
     assert not caplog.records
 
