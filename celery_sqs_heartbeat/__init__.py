@@ -24,7 +24,7 @@ from typing import Any
 
 from . import signals
 from ._control import TaskHeartbeat
-from ._loss import Loss, LossReason, MessageLost
+from ._loss import Loss, LossReason
 from ._report import Stats
 from ._settings import SETTINGS, ConfigurationError, HeartbeatOptions, Setting
 
@@ -34,7 +34,6 @@ __all__ = [
     "HeartbeatOptions",
     "Loss",
     "LossReason",
-    "MessageLost",
     "Setting",
     "Stats",
     "TaskHeartbeat",

@@ -128,8 +128,8 @@ def worker_time_limit(worker: Any) -> float:
 
 def receive_count(sqs_message: Any) -> int:
     """SQS's ``ApproximateReceiveCount`` of a received message (kombu's raw
-    ``delivery_info["sqs_message"]``); 0 where kombu did not ask for it (5.5 does not,
-    unless ``fetch_message_attributes`` names it)."""
+    ``delivery_info["sqs_message"]``); 0 where kombu did not ask for it (5.4, and 5.5's
+    gevent and eventlet path: ``docs/troubleshooting.md``, redeliveries)."""
     attributes = sqs_message.get("Attributes") if isinstance(sqs_message, dict) else None
     count = attributes.get("ApproximateReceiveCount") if attributes else None
     try:
@@ -160,25 +160,6 @@ def receipt_handle(request: Any) -> str | None:
         return request.properties["delivery_tag"]  # type: ignore[no-any-return]
     except (TypeError, KeyError):
         return None
-
-
-def give_up(request: Any) -> None:
-    """Leave *request*'s message alone for good: its receipt handle is stale (another
-    worker may own the message), so neither Celery's failure handling (it checks
-    ``acknowledged`` before it acks, rejects or requeues) nor kombu's release at exit
-    may send it."""
-    request.acknowledged = True
-    forget(request.message)
-
-
-def expect(app: Any, error: type[BaseException], names: list[str]) -> None:
-    """Make *error* one the tasks *names* are expected to raise (``Task.throws``):
-    Celery records it as their failure, and logs it at INFO, not as a bug at ERROR."""
-    for name in names:
-        task = app.tasks.get(name)
-        throws = tuple(getattr(task, "throws", ()) or ())
-        if task is not None and error not in throws:
-            task.throws = (*throws, error)
 
 
 def forget(message: Any) -> None:

@@ -28,7 +28,7 @@ from ._report import Reporter
 from ._send import Sender
 from ._settings import MAX_VISIBILITY_SECONDS, ConfigurationError, resolve_pace
 from ._sidecar import Sidecar
-from ._slots import Slots, key_of
+from ._slots import Slots, SlotsBroken, key_of
 
 
 class _Control(Protocol):
@@ -81,7 +81,10 @@ class InChild:
     def loss(self) -> Loss | None:
         """As the beating process wrote it in the slot, or as this task's own extension
         found it."""
-        said = self._slots.loss(self._index, self._key)
+        try:
+            said = self._slots.loss(self._index, self._key)
+        except SlotsBroken:  # said once by the beating process; the task sees no loss here
+            said = None
         if said is not None:
             return Loss.of(REASONS[said[0]], said[1])
         return loss_of(self.heartbeat)

@@ -70,7 +70,10 @@ def loss_of(hb: Heartbeat) -> Loss | None:
 
 
 def reason_of(ended: Ended | None) -> LossReason | None:
-    return None if ended is None else _REASONS.get(ended)
+    """Why the message was lost, for a heartbeat that ended *ended*; None: not lost."""
+    if ended is None or ended is Ended.TASK_ENDED or ended is Ended.SETTLED:
+        return None  # the usual ends, without hashing an Enum
+    return _REASONS.get(ended)
 
 
 def wall_clock(monotonic: float) -> datetime | None:
@@ -78,39 +81,3 @@ def wall_clock(monotonic: float) -> datetime | None:
     if math.isinf(monotonic):
         return None
     return datetime.fromtimestamp(time.time() + monotonic - time.monotonic(), timezone.utc)
-
-
-#: What :class:`MessageLost` says where the loss itself is not known.
-LOST_TEXT = "the task's SQS message is no longer its own"
-
-
-class MessageLost(Exception):
-    """Raised in a task whose message was lost, where ``sqs_heartbeat_interrupt`` is on.
-
-    Celery records the task as failed with it; its message is neither deleted nor made
-    visible by this worker (another may own it by now). Raised from another thread (the
-    threads and solo pools, greenlets) it is made without arguments, and reads the loss
-    from ``current()`` in the task."""
-
-    def __init__(self, loss: Loss | str | None = None) -> None:
-        if loss is None:
-            loss = _current_loss()
-        self.loss = loss if isinstance(loss, Loss) else None
-        if isinstance(loss, Loss):
-            when = loss.visible_at.isoformat() if loss.visible_at else "its queue's timeout"
-            loss = (
-                f"the task's SQS message is no longer its own ({loss.reason.value}); "
-                f"another worker may receive it from {when}"
-            )
-        super().__init__(loss or LOST_TEXT)
-
-
-def _current_loss() -> Loss | None:
-    """The loss of the task running in this thread, where it has one."""
-    try:
-        import celery_sqs_heartbeat
-
-        hb = celery_sqs_heartbeat.current()
-        return None if hb is None else hb.lost
-    except Exception:
-        return None

@@ -339,14 +339,3 @@ def say_received_again(hb: Heartbeat) -> None:
         hb.message_id,
         hb.receive_count,
     )
-
-
-def say_interrupted(hb: Heartbeat, reason: str) -> None:
-    """*hb*'s task was interrupted (``sqs_heartbeat_interrupt``): its message is lost."""
-    logger.warning(
-        "celery-sqs-heartbeat: task %s[%s] interrupted with MessageLost: its message is no "
-        "longer its own (%s); this worker neither deletes it nor changes its visibility.",
-        hb.task_name,
-        hb.task_id,
-        reason,
-    )

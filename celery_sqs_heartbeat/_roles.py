@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import signal
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -30,11 +29,9 @@ from ._beats import LocalBeats
 from ._client import BrokerInfo
 from ._guard import note_once
 from ._heartbeat import Heartbeat
-from ._interrupt import SIGNAL
 from ._liveness import platform_report
-from ._loss import MessageLost, reason_of
 from ._process import Role
-from ._report import Counters, Reporter, say_interrupted, say_received_again
+from ._report import Counters, Reporter, say_received_again
 from ._send import Sender
 from ._settings import (
     ConfigurationError,
@@ -96,56 +93,43 @@ def _say_shared(why: str, *, green: bool, margin: float) -> None:
     )
 
 
-class _Received:
-    """The messages this worker received and Celery has not settled yet (the consumer's
-    thread writes it): by SQS message id, so that a copy received while the first is
-    still here (its visibility ran out) is said; and the requests of the tasks that ask
-    to be interrupted, by receipt handle, so that a lost one is given up."""
+class _Copies:
+    """The messages this worker received and Celery has not settled yet, by SQS message
+    id (the consumer's thread's own): a copy received while the first is still here
+    means its visibility ran out, and is said. Each first copy is kept by a weak
+    reference to Celery's request, so nothing settled stays in memory."""
 
-    #: Received messages between two sweeps of the settled ones: each map holds at most
-    #: this many more than the worker's unsettled messages.
+    #: Received messages between two sweeps of the dead references: the map holds at
+    #: most this many more than the worker's unsettled messages.
     SWEEP_EVERY = 1024
 
     def __init__(self) -> None:
-        self._by_id: dict[str, Any] = {}
-        self._requests: dict[str, Any] = {}
+        self._by_id: dict[str, Callable[[], Any]] = {}
         self._received = 0
 
     def received(self, hb: Heartbeat, request: Any) -> None:
-        if hb.options.interrupt:
-            self._requests[hb.receipt_handle] = request
-        if hb.message_id:
-            first = self._by_id.get(hb.message_id)
-            if first is not None and not _settled(first):
-                say_received_again(hb)
-            self._by_id[hb.message_id] = request
+        if not hb.message_id:
+            return
+        first = self._by_id.get(hb.message_id)
+        if first is not None and not _settled(first()):
+            say_received_again(hb)
+        self._by_id[hb.message_id] = _ref(request)
         self._received += 1
         if self._received % self.SWEEP_EVERY == 0:
-            self._by_id = {k: r for k, r in self._by_id.items() if not _settled(r)}
-            self._requests = {k: r for k, r in self._requests.items() if not _settled(r)}
+            self._by_id = {k: r for k, r in self._by_id.items() if not _settled(r())}
 
-    def give_up(self, receipt_handle: str) -> None:
-        """Celery must never send that message's stale receipt handle. From any thread:
-        it only reads here (the request, given up, is swept with the settled ones)."""
-        request = self._requests.get(receipt_handle)
-        if request is not None:
-            _celery.give_up(request)
+
+def _ref(request: Any) -> Callable[[], Any]:
+    """A weak reference to Celery's *request* (a strong one where it takes none)."""
+    try:
+        return weakref.ref(request)
+    except TypeError:
+        return lambda: request
 
 
 def _settled(request: Any) -> bool:
-    """Whether Celery settled *request*'s message, or this worker gave it up."""
-    return bool(request.acknowledged or request.message.acknowledged)
-
-
-def _interrupt(hb: Heartbeat, received: _Received, deliver: Callable[[], bool]) -> None:
-    """*hb*'s message is lost (said by what beats it): where its task asked for it,
-    give the message up and raise ``MessageLost`` in the task (*deliver*)."""
-    if not hb.options.interrupt:
-        return
-    received.give_up(hb.receipt_handle)
-    reason = reason_of(hb.ended)
-    if deliver() and reason is not None:
-        say_interrupted(hb, reason.value)
+    """Whether Celery settled *request*'s message (or dropped the request: it did)."""
+    return request is None or bool(request.acknowledged or request.message.acknowledged)
 
 
 class NotSQS(Role):
@@ -190,7 +174,7 @@ class Main(Role):
         self.local = LocalBeats(self._sidecar)
         self.beats = self.local
         self.tasks = SidecarTasks(lambda: self.local.running)
-        self.received_here = _Received()
+        self.copies = _Copies()
 
     def received(self, request: Any) -> None:
         hb = _celery.heartbeat_of(
@@ -202,7 +186,7 @@ class Main(Role):
         )
         if hb is not None:
             self.beats.add(hb, request.message)
-            self.received_here.received(hb, request)
+            self.copies.received(hb, request)
 
     def ready(self, consumer: Any) -> None:
         if self.unfenced:
@@ -227,17 +211,7 @@ class Main(Role):
             Reporter(self.counters, region=lambda: clients.region),
             call_timeout=clients.timeout,
             fence=self.slots,
-            on_lost=self._lost,
         )
-
-    def _lost(self, hb: Heartbeat) -> None:
-        """From the sidecar's threads: raise ``MessageLost`` in the task, in its pool
-        child (a signal, as Celery's soft time limit) or in this process."""
-        slots = self.slots
-        if slots is not None and hb.slot is not None:
-            _interrupt(hb, self.received_here, lambda: _signal(slots.holder(hb.slot or 0)))
-        else:
-            _interrupt(hb, self.received_here, lambda: self.tasks.interrupt(hb.receipt_handle))
 
     def forked(self) -> Role:
         return Forked(self)
@@ -276,8 +250,6 @@ class Child(Role):
         self.index = index
         self.counters = Counters(*slots.counter_blocks(index))
         self.tasks = SlotTasks(main.app, main.options, slots, [index])
-        if SIGNAL is not None and any(o.interrupt for o in main.options.values()):
-            signal.signal(SIGNAL, self.tasks.raise_if_lost)
 
 
 class Delegating(Role):
@@ -303,17 +275,16 @@ class Delegating(Role):
             options,
             margin=_margin(options),
             fallback=self._beat_here,
-            on_lost=self._lost,
         )
         self.beats = self.heartbeat_process
         self.tasks = SlotTasks(app, options, slots, range(slots.capacity))
-        self.received_here = _Received()
+        self.copies = _Copies()
 
     def received(self, request: Any) -> None:
         hb = _celery.heartbeat_of(request, self.options, carry_received=True, settled=False)
         if hb is not None:
             self.beats.add(hb, request.message)
-            self.received_here.received(hb, request)
+            self.copies.received(hb, request)
 
     def ready(self, consumer: Any) -> None:
         # Forked now: the consumer has connected, so kombu's client has parsed the SQS
@@ -340,27 +311,10 @@ class Delegating(Role):
             self.reporter,
             call_timeout=clients.timeout,
             fence=self.slots,
-            on_lost=self._lost,
         )
         sidecar.run_in_background()
         _say_shared(why, green=self.heartbeat_process.green, margin=_margin(self.options))
         return sidecar
-
-    def _lost(self, hb: Heartbeat) -> None:
-        """From the link thread (or the fallback's sidecar): raise ``MessageLost`` in the
-        task, a thread or a greenlet of this process."""
-        _interrupt(hb, self.received_here, lambda: self.tasks.interrupt(hb.receipt_handle))
-
-
-def _signal(pid: int) -> bool:
-    """Tell prefork pool child *pid* that its task's message is lost."""
-    if SIGNAL is None or pid <= 0:
-        return False
-    try:
-        os.kill(pid, SIGNAL)
-    except OSError:  # it died meanwhile: Celery settles the message of a dead child
-        return False
-    return True
 
 
 def for_worker(worker: Any) -> Role:
@@ -375,7 +329,6 @@ def for_worker(worker: Any) -> Role:
         raise SystemExit(str(exc)) from None
     if not enabled_tasks(options):
         return Role()
-    _celery.expect(app, MessageLost, [n for n, o in options.items() if o.interrupt])
     if BrokerInfo.from_app(app) is None:
         return NotSQS()
     if not _celery.is_prefork(worker.pool_cls):

@@ -92,7 +92,6 @@ class Sidecar:
         jitter: Callable[[], float] = random.random,
         executor: Executor | None = None,
         wake_every: float = math.inf,
-        on_lost: Callable[[Heartbeat], None] | None = None,
     ) -> None:
         self._sender = sender
         self._report = reporter
@@ -100,8 +99,6 @@ class Sidecar:
         self._counts = reporter.counters.own
         self._call_timeout = call_timeout
         self._fence = fence
-        #: Told of each heartbeat that ended with its message lost (without the lock).
-        self._on_lost = on_lost
         self._clock = clock
         self._jitter = jitter
         #: Every heartbeat not yet ended, by receipt handle.
@@ -299,8 +296,6 @@ class Sidecar:
             except SlotsBroken as exc:
                 self._say_broken(exc)
         self._report.ended(hb, beats, detail)
-        if reason is not None and self._on_lost is not None:
-            self._on_lost(hb)
 
     def stats(self) -> Stats:
         return self._report.counters.stats()

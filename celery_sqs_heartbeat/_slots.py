@@ -317,10 +317,6 @@ class Slots:
             slot.pace_key = key  # last: a write cut short is never read
             return True
 
-    def holder(self, index: int) -> int:
-        """The process that uses slot *index* (written once, as it attached; 0: none)."""
-        return int(self._table[index].pid)
-
     def lose(self, index: int, key: int, reason: int, until: float) -> None:
         """The beating process: the heartbeat of the task of message *key* ended with
         its message lost (*reason*), hidden until *until*. Said only to that task."""
@@ -328,15 +324,6 @@ class Slots:
             if slot.key == key:
                 slot.lost_reason, slot.lost_until = reason, until
                 slot.lost_key = key  # last: a write cut short is never read
-
-    def loss_said(self, index: int, key: int) -> tuple[int, float] | None:
-        """:meth:`loss` without the lock, for a signal handler, which may interrupt this
-        process inside it: ``lost_key`` is one aligned word, written last; the other two
-        may not be seen yet (reason 0)."""
-        slot = self._table[index]
-        if slot.lost_key != key:
-            return None
-        return int(slot.lost_reason), float(slot.lost_until)
 
     def loss(self, index: int, key: int) -> tuple[int, float] | None:
         """The task of message *key*: its message's loss, as :meth:`lose` said it."""

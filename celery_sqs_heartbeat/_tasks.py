@@ -24,8 +24,6 @@ from ._client import BrokerInfo, Clients, call_timeout
 from ._control import InChild, InProcess, TaskHeartbeat
 from ._guard import note_once
 from ._heartbeat import Heartbeat
-from ._interrupt import Where, here, throw
-from ._loss import LOST_TEXT, REASONS, Loss, MessageLost, loss_of
 from ._report import Counters, Reporter
 from ._send import Sender
 from ._settings import HeartbeatOptions, shortest_interval
@@ -52,10 +50,6 @@ class Tasks(Protocol):
     def current(self, task: Any) -> TaskHeartbeat | None:
         """The manual control of *task*, running in this thread; None: no heartbeat."""
 
-    def interrupt(self, receipt_handle: str) -> bool:
-        """Raise ``MessageLost`` in the task of that message, if it runs here and asked
-        for it (``sqs_heartbeat_interrupt``); whether it was raised."""
-
 
 class _NoTasks:
     """No task of this process has a heartbeat."""
@@ -68,9 +62,6 @@ class _NoTasks:
 
     def current(self, task: Any) -> TaskHeartbeat | None:
         return None
-
-    def interrupt(self, receipt_handle: str) -> bool:
-        return False
 
 
 NO_TASKS: Tasks = _NoTasks()
@@ -103,8 +94,6 @@ class SidecarTasks:
         self.running: dict[tuple[int, str], Heartbeat] = {}
         #: The manual control of each, made on the first ``current()``.
         self.handles: dict[tuple[int, str], TaskHeartbeat] = {}
-        #: Where each task that asked to be interrupted runs, by receipt handle.
-        self.where: dict[str, Where] = {}
 
     def started(self, task: Any, task_id: str) -> None:
         sidecar = self._sidecar()
@@ -114,8 +103,6 @@ class SidecarTasks:
         hb = None if handle is None else sidecar.run(handle)
         if hb is not None:
             self.running[threading.get_ident(), task_id] = hb
-            if hb.options.interrupt:
-                self.where[hb.receipt_handle] = here()
 
     def ended(self, task_id: str) -> None:
         key = (threading.get_ident(), task_id)
@@ -124,8 +111,6 @@ class SidecarTasks:
             return
         if self.handles:
             self.handles.pop(key, None)
-        if self.where:
-            self.where.pop(hb.receipt_handle, None)
         sidecar = self._sidecar()
         if sidecar is not None:
             sidecar.stop(hb.receipt_handle)
@@ -139,29 +124,18 @@ class SidecarTasks:
             handle = self.handles[key] = TaskHeartbeat(InProcess(sidecar, hb))
         return handle
 
-    def interrupt(self, receipt_handle: str) -> bool:
-        where = self.where.pop(receipt_handle, None)
-        if where is None:
-            return False
-        hb = next((h for h in self.running.values() if h.receipt_handle == receipt_handle), None)
-        loss = None if hb is None else loss_of(hb)
-        return throw(where, MessageLost(loss or LOST_TEXT))
-
 
 class _Running:
     """A task that writes a slot: the slot, and its manual control once asked for."""
 
-    __slots__ = ("handle", "index", "interrupt", "receipt_handle", "request", "started", "where")
+    __slots__ = ("handle", "index", "receipt_handle", "request", "started")
 
-    def __init__(self, receipt_handle: str, request: Any, index: int, interrupt: bool) -> None:
+    def __init__(self, receipt_handle: str, request: Any, index: int) -> None:
         self.receipt_handle = receipt_handle
         self.request = request
         self.index = index
         self.started = time.monotonic()
         self.handle: TaskHeartbeat | None = None
-        #: It asked to be interrupted once its message is lost, and where it runs.
-        self.interrupt = interrupt
-        self.where = here()
 
 
 class SlotTasks:
@@ -208,9 +182,7 @@ class SlotTasks:
         except BaseException:
             self.free.append(index)  # a slot that failed once is not lost for good
             raise
-        options = self.options.get(task.name)
-        interrupt = bool(options and options.interrupt)
-        self.running[threading.get_ident(), task_id] = _Running(handle, request, index, interrupt)
+        self.running[threading.get_ident(), task_id] = _Running(handle, request, index)
 
     def ended(self, task_id: str) -> None:
         running = self.running.pop((threading.get_ident(), task_id), None)
@@ -244,25 +216,6 @@ class SlotTasks:
             control = InChild(self.slots, running.index, hb, self._sender, reporter)
             running.handle = TaskHeartbeat(control)
         return running.handle
-
-    def interrupt(self, receipt_handle: str) -> bool:
-        for running in list(self.running.values()):
-            if running.receipt_handle == receipt_handle and running.interrupt:
-                said = self.slots.loss(running.index, key_of(receipt_handle))
-                reason = None if said is None else REASONS.get(said[0])
-                error = MessageLost(Loss.of(reason, said[1]) if reason and said else LOST_TEXT)
-                return throw(running.where, error)
-        return False
-
-    def raise_if_lost(self, *_: object) -> None:
-        """The signal handler of a prefork pool child (:data:`~._interrupt.SIGNAL`): the
-        main process found the message of the task running here lost. Raises
-        ``MessageLost`` in the task, if it asked for it and still runs."""
-        for running in list(self.running.values()):
-            said = self.slots.loss_said(running.index, key_of(running.receipt_handle))
-            if running.interrupt and said is not None:
-                reason = REASONS.get(said[0])  # never current(): it would take the lock
-                raise MessageLost(Loss.of(reason, said[1]) if reason else LOST_TEXT)
 
     def _enabled(self, task: Any) -> bool:
         options = self.options.get(task.name)

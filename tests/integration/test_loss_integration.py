@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import json
 
+import kombu
 import pytest
-
-from celery_sqs_heartbeat.testing import wait_for
 
 from ..conftest import Scenario
 
@@ -64,6 +63,9 @@ def test_a_task_learns_that_max_duration_was_reached(
     assert noticed - 0.5 <= visible_at <= deadline + 0.5, event
 
 
+@pytest.mark.skipif(
+    tuple(kombu.VERSION[:2]) < (5, 5), reason="kombu 5.4 asks SQS for no receive count"
+)
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_a_copy_received_while_the_first_runs_is_counted_and_said(
     scenario: Scenario, pool: str
@@ -89,61 +91,3 @@ def test_a_copy_received_while_the_first_runs_is_counted_and_said(
     assert max(s["messages_redelivered"] for s in stats) == 1, stats
     (line,) = worker.log_lines(f"[{task_id}] was received again")
     assert "received 2 times" in line and "WARNING" in line, line
-
-
-@pytest.mark.needs_request_log("the worker's DeleteMessage and visibility changes by handle")
-@pytest.mark.parametrize("pool", ["prefork", "threads", "solo", "gevent", "eventlet"])
-def test_with_interrupt_on_a_lost_task_is_stopped_and_its_handle_never_used_again(
-    scenario: Scenario, pool: str
-) -> None:
-    """``MessageLost`` is raised in the task at ``max_duration``; Celery records it as
-    an expected failure, and neither its failure handling nor kombu's release at exit
-    deletes the message or changes its visibility with the stale handle. The next copy
-    runs once, after the first stopped, and is deleted with its own handle."""
-    conf = scenario.config(
-        queue_timeout=QUEUE_TIMEOUT,
-        heartbeat=True,
-        interval=INTERVAL,
-        visibility=VISIBILITY,
-        sqs_heartbeat_max_duration=MAX_DURATION,
-        sqs_heartbeat_interrupt=True,
-    )
-    (worker,) = scenario.start_workers(conf, 1, pool=pool, concurrency=1)
-    task_id = scenario.send(conf, "until_interrupted", 30)
-
-    # The lost copy never ends: it was stopped. The next one does, and the queue empties.
-    wait_for(
-        lambda: (
-            [r for r in scenario.runs(task_id) if r.event == "end"]
-            and scenario.queue_counts() == (0, 0)
-        ),
-        timeout=40,
-        what="the next copy to end and the queue to empty",
-    )
-    runs = scenario.runs(task_id)
-    scenario.stop()
-
-    found = [json.loads(line) for line in scenario.events_path.read_text().splitlines()]
-    starts = [e for e in found if e["event"] == "start" and e["task_id"] == task_id]
-    (stopped,) = [e for e in found if e["event"] == "interrupted" and e["task_id"] == task_id]
-    assert stopped["reason"] == "MAX_DURATION", stopped
-    first, second = (str(e["receipt_handle"]) for e in starts)  # the lost copy, the next
-    assert stopped["receipt_handle"] == first
-    assert float(stopped["at"]) - float(starts[0]["at"]) <= MAX_DURATION + INTERVAL + 1.0
-    assert float(starts[1]["at"]) >= float(stopped["at"])  # one at a time
-    assert [r.event for r in runs if r.event == "end"] == ["end"]  # the next copy ran on
-    # Nothing was sent with the stale handle once it was lost (its beats were earlier).
-    stale = [
-        r
-        for r in scenario.requests(
-            "DeleteMessage", "ChangeMessageVisibility", "ChangeMessageVisibilityBatch"
-        )
-        if first in r.receipt_handles and r.at >= float(stopped["at"])
-    ]
-    assert not stale, [(r.action, r.at) for r in stale]
-    assert any(second in r.receipt_handles for r in scenario.requests("DeleteMessage"))
-    (said,) = worker.log_lines(f"[{task_id}] interrupted with MessageLost")
-    assert "WARNING" in said and "sqs_heartbeat_max_duration reached" in said, said
-    assert worker.log_lines("raised expected: MessageLost"), worker.log()  # its state
-    assert not worker.log_lines("raised unexpected"), worker.log()
-    assert not worker.log_lines("was received again"), worker.log()  # given up: no duplicate
