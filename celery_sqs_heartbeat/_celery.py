@@ -84,11 +84,12 @@ def heartbeat_of(
         if limit:
             options = _bounded(options, limit)
     message = request.message
-    queue_url = (message.delivery_info or {}).get("sqs_queue")
+    delivery_info = message.delivery_info or {}
+    queue_url = delivery_info.get("sqs_queue")
     if not queue_url or message.acknowledged:
         return None  # not from SQS, or already settled
     now = time.monotonic()
-    sqs_message = message.delivery_info.get("sqs_message") or {}
+    sqs_message = delivery_info.get("sqs_message") or {}
     if carry_received:
         carried = request.request_dict
         carried["properties"] = {**(carried.get("properties") or {}), RECEIVED: now}
