@@ -4,13 +4,12 @@ process beats) and in a threads worker (its heartbeat process beats)."""
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
 
 from ..conftest import Scenario
-from .test_observability_integration import MIN_BEATS, TASK_SECONDS, heartbeat_conf
+from .test_observability_integration import heartbeat_conf, spans_of_a_long_task
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -34,14 +33,7 @@ def test_with_ddtrace_patching_botocore_the_beats_make_no_span(
     spans_path = tmp_path / "spans.jsonl"
     conf = heartbeat_conf(scenario, imports=["ddtrace_worker"])
     env = {**DD_ENV, "DD_TEST_SPANS": str(spans_path)}
-    scenario.start_workers(conf, 1, pool=pool, env=env)
-    scenario.send(conf, "sleep", TASK_SECONDS)
-    scenario.wait_settled(timeout=TASK_SECONDS + 30)
-    scenario.stop()
-
-    beats = [r for r in scenario.beats() if r.status == 200]
-    assert len(beats) >= MIN_BEATS
-    spans = [json.loads(line) for line in spans_path.read_text().splitlines()]
+    spans = spans_of_a_long_task(scenario, conf, pool, env, spans_path)
     resources = {s["resource"] for s in spans}
     assert "sqs.listqueues" in resources, resources  # the user's own call: ddtrace traces
     assert not {r for r in resources if "changemessagevisibility" in r}, resources

@@ -37,6 +37,20 @@ def heartbeat_conf(scenario: Scenario, **extra: object) -> dict[str, object]:
     )
 
 
+def spans_of_a_long_task(
+    scenario: Scenario, conf: dict[str, object], pool: str, env: dict[str, str], spans: Path
+) -> list[dict[str, object]]:
+    """Run one task long enough for its beats in a worker whose APM writes each span to
+    *spans*; the spans, once the task settled and the worker stopped."""
+    scenario.start_workers(conf, 1, pool=pool, env=env)
+    scenario.send(conf, "sleep", TASK_SECONDS)
+    scenario.wait_settled(timeout=TASK_SECONDS + 30)
+    scenario.stop()
+    beats = [r for r in scenario.beats() if r.status == 200]
+    assert len(beats) >= MIN_BEATS
+    return [json.loads(line) for line in spans.read_text().splitlines()]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

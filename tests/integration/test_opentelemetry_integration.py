@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from ..conftest import Scenario
-from .test_observability_integration import MIN_BEATS, TASK_SECONDS, heartbeat_conf
+from .test_observability_integration import heartbeat_conf, spans_of_a_long_task
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -20,14 +19,8 @@ def test_a_real_worker_with_botocore_instrumented_exports_no_beat_spans(
     ``otel_worker`` module): kombu's and the user's calls are spans, its beats are not."""
     spans_path = tmp_path / "spans.jsonl"
     conf = heartbeat_conf(scenario, imports=["otel_worker"])
-    scenario.start_workers(conf, 1, pool="threads", env={"OTEL_TEST_SPANS": str(spans_path)})
-    scenario.send(conf, "sleep", TASK_SECONDS)
-    scenario.wait_settled(timeout=TASK_SECONDS + 30)
-    scenario.stop()
-
-    beats = [r for r in scenario.beats() if r.status == 200]
-    assert len(beats) >= MIN_BEATS
-    spans = [json.loads(line) for line in spans_path.read_text().splitlines()]
+    env = {"OTEL_TEST_SPANS": str(spans_path)}
+    spans = spans_of_a_long_task(scenario, conf, "threads", env, spans_path)
     found = {s["name"] for s in spans}
     assert "SQS.ListQueues" in found, found  # the user's own call, at worker_ready
     assert not {n for n in found if "ChangeMessageVisibility" in n}, found
