@@ -276,3 +276,19 @@ def test_only_a_prefork_worker_bounds_the_heartbeat_by_the_time_limit() -> None:
         found[pool] = getattr(role, "time_limit", None)
         role.shutdown()
     assert found == {"prefork": 300.0, "threads": None, "gevent": None}
+
+
+def test_a_broken_slot_reads_as_no_loss_and_never_reaches_the_task() -> None:
+    """``ENOTRECOVERABLE`` on the slot's mutex: ``current().lost`` is None (the beating
+    process says the broken slot, and the heartbeat's end, in its own log lines)."""
+    from celery_sqs_heartbeat._slots import SlotsBroken
+
+    class Broken:
+        def loss(self, index: int, key: int) -> None:
+            raise SlotsBroken(131, "pthread_mutex_lock failed")
+
+    hb = Heartbeat("rh", "q", OPTIONS, time.monotonic())
+    handle = TaskHeartbeat(
+        InChild(Broken(), 0, hb, lambda: None, Reporter(Counters(), region=lambda: None))  # type: ignore[arg-type]
+    )
+    assert handle.lost is None and handle.active
