@@ -295,7 +295,8 @@ How each figure is measured:
    child (the slot's writes), the three handlers of a threads worker with its heartbeat
    process (the default: the message sent to the heartbeat process, the slot's writes), a
    thread per task, and three empty receivers (Celery's dispatch alone). The handlers'
-   own time (of the first arm) is timed where Celery calls them. The target is that own
+   own time (of the first arm) is timed where Celery calls them, in one more arm of each
+   round. The target is that own
    time against the dispatch of the same run (at most {OWN_OVER_DISPATCH_P50:g}x at the
    median), which the machine sets alike; the end-to-end figures are informational.
 2. Throughput: {workers.THROUGHPUT_ROUNDS} rounds of {workers.ROUND_TASKS} no-op tasks per arm,

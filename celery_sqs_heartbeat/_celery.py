@@ -89,7 +89,7 @@ def heartbeat_of(
     if not queue_url or message.acknowledged:
         return None  # not from SQS, or already settled
     now = time.monotonic()
-    sqs_message = delivery_info.get("sqs_message") or {}
+    sqs_message = delivery_info.get("sqs_message")
     if carry_received:
         carried = request.request_dict
         carried["properties"] = {**(carried.get("properties") or {}), RECEIVED: now}
@@ -101,8 +101,8 @@ def heartbeat_of(
         task.name,
         request.id,
         (lambda: bool(message.acknowledged)) if settled else None,
-        message_id=str(sqs_message.get("MessageId") or ""),
-        receive_count=receive_count(sqs_message),
+        message_id=str(sqs_message.get("MessageId") or "") if sqs_message else "",
+        receive_count=receive_count(sqs_message) if sqs_message else 0,
     )
 
 

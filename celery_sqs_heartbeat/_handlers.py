@@ -66,19 +66,28 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
         role.ready(sender)
 
 
+# The three handlers of every message guard with try/except: see Guard.failed.
+
+
 def _on_task_received(request: Any = None, **_: Any) -> None:
-    with _RECEIVING:
+    try:
         _process.role().received(request)
+    except Exception as exc:
+        _RECEIVING.failed(exc)
 
 
 def _on_task_prerun(task: Any = None, task_id: str = "", **_: Any) -> None:
-    with _STARTING:
+    try:
         _process.role().tasks.started(task, task_id)
+    except Exception as exc:
+        _STARTING.failed(exc)
 
 
 def _on_task_postrun(task_id: str = "", **_: Any) -> None:
-    with _STOPPING:
+    try:
         _process.role().tasks.ended(task_id)
+    except Exception as exc:
+        _STOPPING.failed(exc)
 
 
 def _on_worker_shutdown(**_: Any) -> None:

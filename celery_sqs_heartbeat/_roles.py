@@ -173,7 +173,7 @@ class Main(Role):
             self.counters = Counters(*slots.counter_blocks(None))
         self.local = LocalBeats(self._sidecar)
         self.beats = self.local
-        self.tasks = SidecarTasks(lambda: self.local.running)
+        self.tasks = SidecarTasks(self.local)
         self.copies = _Copies()
 
     def received(self, request: Any) -> None:

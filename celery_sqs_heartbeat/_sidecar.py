@@ -245,6 +245,8 @@ class Sidecar:
     def _wait_in_flight(self, hb: Heartbeat, waited: float) -> bool:
         """Wait up to *waited* s for a call in flight for *hb* (releasing the lock while
         it waits); False if it is still out."""
+        if not hb.in_flight:
+            return True  # the usual case: no clock read
         deadline = self._clock() + waited
         while hb.in_flight:
             left = deadline - self._clock()
@@ -287,12 +289,11 @@ class Sidecar:
         """Report that *hb* ended (without the lock); where its message was lost and its
         task writes a slot, tell the task there first (``current().lost``): whoever
         hears of the end may look there at once."""
-        reason = reason_of(hb.ended)
-        if reason is not None and hb.slot is not None and self._fence is not None:
+        slot = hb.slot
+        reason = None if slot is None else reason_of(hb.ended)
+        if reason is not None and slot is not None and self._fence is not None:
             try:
-                self._fence.lose(
-                    hb.slot, key_of(hb.receipt_handle), CODES[reason], hb.visible_until
-                )
+                self._fence.lose(slot, key_of(hb.receipt_handle), CODES[reason], hb.visible_until)
             except SlotsBroken as exc:
                 self._say_broken(exc)
         self._report.ended(hb, beats, detail)

@@ -16,9 +16,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Protocol
 
+from ._beats import LocalBeats
 from ._celery import receipt_handle, running_heartbeat
 from ._client import BrokerInfo, Clients, call_timeout
 from ._control import InChild, InProcess, TaskHeartbeat
@@ -27,7 +28,6 @@ from ._heartbeat import Heartbeat
 from ._report import Counters, Reporter
 from ._send import Sender
 from ._settings import HeartbeatOptions, shortest_interval
-from ._sidecar import Sidecar
 from ._slots import Slots, key_of
 
 
@@ -83,10 +83,10 @@ def make_clients(
 
 class SidecarTasks:
     """Tasks that run in the process of the sidecar that beats them: each tells it
-    directly. *sidecar* returns it once it runs (None before)."""
+    directly. *beats* holds it once it runs (``running``: None before)."""
 
-    def __init__(self, sidecar: Callable[[], Sidecar | None]) -> None:
-        self._sidecar = sidecar
+    def __init__(self, beats: LocalBeats) -> None:
+        self._beats = beats
         #: The sidecar's heartbeat of each task running here, by (thread, task id): kombu
         #: may change the message's properties after prerun (requeue), and a retried
         #: task keeps its id but runs in another thread (or after this one ends). Kept
@@ -96,7 +96,7 @@ class SidecarTasks:
         self.handles: dict[tuple[int, str], TaskHeartbeat] = {}
 
     def started(self, task: Any, task_id: str) -> None:
-        sidecar = self._sidecar()
+        sidecar = self._beats.running
         if sidecar is None or not acks_late(task):
             return
         handle = receipt_handle(task.request)
@@ -111,7 +111,7 @@ class SidecarTasks:
             return
         if self.handles:
             self.handles.pop(key, None)
-        sidecar = self._sidecar()
+        sidecar = self._beats.running
         if sidecar is not None:
             sidecar.stop(hb.receipt_handle)
 
@@ -119,7 +119,7 @@ class SidecarTasks:
         key = (threading.get_ident(), task.request.id)
         handle = self.handles.get(key)
         hb = self.running.get(key)
-        sidecar = self._sidecar()
+        sidecar = self._beats.running
         if handle is None and hb is not None and sidecar is not None:
             handle = self.handles[key] = TaskHeartbeat(InProcess(sidecar, hb))
         return handle
