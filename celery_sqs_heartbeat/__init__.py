@@ -24,6 +24,7 @@ from typing import Any
 
 from . import signals
 from ._control import TaskHeartbeat
+from ._interrupt import MessageLost
 from ._loss import Loss, LossReason
 from ._report import Stats
 from ._settings import SETTINGS, ConfigurationError, HeartbeatOptions, Setting
@@ -34,6 +35,7 @@ __all__ = [
     "HeartbeatOptions",
     "Loss",
     "LossReason",
+    "MessageLost",
     "Setting",
     "Stats",
     "TaskHeartbeat",

@@ -15,7 +15,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from queue import Empty
 from typing import Any
@@ -161,6 +161,25 @@ def receipt_handle(request: Any) -> str | None:
         return request.properties["delivery_tag"]  # type: ignore[no-any-return]
     except (TypeError, KeyError):
         return None
+
+
+def give_up(request: Any) -> None:
+    """Leave *request*'s message alone for good: its receipt handle may be stale (another
+    worker may own the message by now), so neither Celery's failure handling (it checks
+    ``acknowledged`` before it acks, rejects or requeues) nor kombu's release at exit
+    may send it. From any thread: kombu takes acks from any."""
+    request.acknowledged = True
+    forget(request.message)
+
+
+def expect(app: Any, error: type[BaseException], names: Iterable[str]) -> None:
+    """Make *error* one the tasks *names* are expected to raise (``Task.throws``):
+    Celery records it as their failure, and logs it at INFO, not as a bug at ERROR."""
+    for name in names:
+        task = app.tasks.get(name)
+        throws = tuple(getattr(task, "throws", ()) or ())
+        if task is not None and error not in throws:
+            task.throws = (*throws, error)
 
 
 def forget(message: Any) -> None:

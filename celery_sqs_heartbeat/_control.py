@@ -15,10 +15,12 @@ which holds the regular beats meanwhile and paces them afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -126,12 +128,21 @@ class TaskHeartbeat:
     Its methods are called from the task's own thread, in any pool. An SQS error is never
     raised: :meth:`extend` returns False, and the failure is logged and counted like a
     failed beat. Only arguments the heartbeat cannot use raise :class:`ValueError`.
+
+    With ``sqs_heartbeat_interrupt`` its calls that take a lock or call SQS run in a
+    *shield* (``_interrupt.Armed.shield``): a ``MessageLost`` that comes meanwhile is
+    raised as the call returns, never in its middle.
     """
 
-    __slots__ = ("_control",)
+    __slots__ = ("_control", "_shield")
 
-    def __init__(self, control: _Control) -> None:
+    def __init__(
+        self,
+        control: _Control,
+        shield: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+    ) -> None:
         self._control = control
+        self._shield = shield
 
     @property
     def receipt_handle(self) -> str:
@@ -146,14 +157,16 @@ class TaskHeartbeat:
     def active(self) -> bool:
         """Whether it still beats: False once it ended (message lost, or
         ``sqs_heartbeat_max_duration`` reached)."""
-        return self._control.heartbeat.ended is None and self._control.loss() is None
+        with self._shield():
+            return self._control.heartbeat.ended is None and self._control.loss() is None
 
     @property
     def lost(self) -> Loss | None:
         """None while the message is the task's own. Once it is not: why (a
         :class:`LossReason`), and from when another worker may receive it. The process
         that beats says it, in every pool, within one beat of the loss."""
-        return self._control.loss()
+        with self._shield():
+            return self._control.loss()
 
     @property
     def deadline(self) -> datetime | None:
@@ -201,9 +214,10 @@ class TaskHeartbeat:
                 f"extend(seconds={seconds!r}): must be > 0 and at most "
                 f"{MAX_VISIBILITY_SECONDS} seconds (SQS's limit)"
             )
-        if not self.active:
-            return False
-        return self._control.extend(math.ceil(value))
+        with self._shield():
+            if not self.active:
+                return False
+            return self._control.extend(math.ceil(value))
 
     def configure(
         self,
@@ -216,16 +230,17 @@ class TaskHeartbeat:
         Takes effect from the next beat (the one after the last one sent). Validated like
         the settings of the same names; False when the heartbeat has already ended.
         """
-        if not self.active:
-            return False
-        try:
-            new_interval, new_visibility = resolve_pace(
-                self.interval if interval is None else interval,
-                self.visibility_timeout if visibility_timeout is None else visibility_timeout,
-            )
-        except ConfigurationError as exc:
-            raise ValueError(f"configure(): {exc.setting}={exc.value!r} {exc.reason}") from None
-        return self._control.reconfigure(new_interval, new_visibility)
+        with self._shield():
+            if not self.active:
+                return False
+            try:
+                new_interval, new_visibility = resolve_pace(
+                    self.interval if interval is None else interval,
+                    self.visibility_timeout if visibility_timeout is None else visibility_timeout,
+                )
+            except ConfigurationError as exc:
+                raise ValueError(f"configure(): {exc.setting}={exc.value!r} {exc.reason}") from None
+            return self._control.reconfigure(new_interval, new_visibility)
 
     def __repr__(self) -> str:
         hb = self._control.heartbeat

@@ -16,6 +16,7 @@ from . import _celery, _drain, _process
 from ._beats import LocalBeats
 from ._control import TaskHeartbeat
 from ._guard import Guard
+from ._interrupt import MessageLost
 from ._report import Counters
 from ._roles import for_worker
 from ._settings import prefetch_warnings, resolve_tasks, startup_warnings
@@ -83,11 +84,22 @@ def _on_task_prerun(task: Any = None, task_id: str = "", **_: Any) -> None:
         _STARTING.failed(exc)
 
 
-def _on_task_postrun(task_id: str = "", **_: Any) -> None:
-    try:
-        _process.role().tasks.ended(task_id)
-    except Exception as exc:
-        _STOPPING.failed(exc)
+#: How many times a task's end is told, where a MessageLost sent as the task returned
+#: lands in the telling (it is spent then: the end's first step stops any other).
+_ENDED_TRIES = 3
+
+
+def _on_task_postrun(task_id: str = "", retval: Any = None, **_: Any) -> None:
+    stopped = isinstance(retval, MessageLost)  # Celery's retval of a failure: its error
+    for _try in range(_ENDED_TRIES):
+        try:
+            _process.role().tasks.ended(task_id, stopped)
+            return
+        except MessageLost:
+            continue
+        except Exception as exc:
+            _STOPPING.failed(exc)
+            return
 
 
 def _on_worker_shutdown(**_: Any) -> None:

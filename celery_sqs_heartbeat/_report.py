@@ -339,3 +339,27 @@ def say_received_again(hb: Heartbeat) -> None:
         hb.message_id,
         hb.receive_count,
     )
+
+
+def say_interrupted(hb: Heartbeat, reason: str, visible_at: str) -> None:
+    """*hb*'s task is interrupted (``sqs_heartbeat_interrupt``): its message is lost."""
+    logger.warning(
+        "celery-sqs-heartbeat: task %s[%s] is interrupted with MessageLost: its message is "
+        "no longer its own (%s). This worker neither deletes it nor changes its "
+        "visibility: another worker may receive it from %s.",
+        hb.task_name,
+        hb.task_id,
+        reason,
+        visible_at,
+    )
+
+
+def say_unreached(task_name: str, task_id: str) -> None:
+    """A task to interrupt ended otherwise than with ``MessageLost``."""
+    logger.warning(
+        "celery-sqs-heartbeat: task %s[%s] ended without MessageLost (it came as the task "
+        "returned, or the task caught it); its message was given up all the same, so it "
+        "may be received again and the task run again.",
+        task_name,
+        task_id,
+    )

@@ -19,19 +19,22 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import weakref
 from collections.abc import Callable
 from typing import Any
 
-from . import _celery
+from . import _celery, _process
 from ._beat import HeartbeatProcess, supported, warm_up
 from ._beats import LocalBeats
 from ._client import BrokerInfo
-from ._guard import note_once
+from ._guard import Guard, note_once
 from ._heartbeat import Heartbeat
+from ._interrupt import SIGNAL, MessageLost
 from ._liveness import platform_report
+from ._loss import Loss, loss_of
 from ._process import Role
-from ._report import Counters, Reporter, say_received_again
+from ._report import Counters, Reporter, say_interrupted, say_received_again
 from ._send import Sender
 from ._settings import (
     ConfigurationError,
@@ -41,7 +44,7 @@ from ._settings import (
     resolve_tasks,
 )
 from ._sidecar import Sidecar
-from ._slots import Slots, available
+from ._slots import Slots, available, key_of
 from ._system import can_die_with_parent
 from ._tasks import SidecarTasks, SlotTasks, make_clients
 
@@ -97,7 +100,8 @@ class _Copies:
     """The messages this worker received and Celery has not settled yet, by SQS message
     id (the consumer's thread's own): a copy received while the first is still here
     means its visibility ran out, and is said. Each first copy is kept by a weak
-    reference to Celery's request, so nothing settled stays in memory."""
+    reference to Celery's request, so nothing settled stays in memory. So is, by receipt
+    handle, the request of each task that asked to be interrupted: to give it up."""
 
     #: Received messages between two sweeps of the dead references: the map holds at
     #: most this many more than the worker's unsettled messages.
@@ -105,18 +109,30 @@ class _Copies:
 
     def __init__(self) -> None:
         self._by_id: dict[str, Callable[[], Any]] = {}
+        self._to_interrupt: dict[str, Callable[[], Any]] = {}
         self._received = 0
 
     def received(self, hb: Heartbeat, request: Any) -> None:
-        if not hb.message_id:
+        if hb.options.interrupt:
+            self._to_interrupt[hb.receipt_handle] = _ref(request)
+        elif not hb.message_id:
             return
-        first = self._by_id.get(hb.message_id)
-        if first is not None and not _settled(first()):
-            say_received_again(hb)
-        self._by_id[hb.message_id] = _ref(request)
+        if hb.message_id:
+            first = self._by_id.get(hb.message_id)
+            if first is not None and not _settled(first()):
+                say_received_again(hb)
+            self._by_id[hb.message_id] = _ref(request)
         self._received += 1
         if self._received % self.SWEEP_EVERY == 0:
             self._by_id = {k: r for k, r in self._by_id.items() if not _settled(r())}
+            self._to_interrupt = {k: r for k, r in self._to_interrupt.items() if not _settled(r())}
+
+    def request(self, receipt_handle: str) -> Any:
+        """Celery's request of a message received to be interrupted, unsettled; else
+        None. From any thread: a dict's get, of a dict replaced whole."""
+        ref = self._to_interrupt.get(receipt_handle)
+        request = None if ref is None else ref()
+        return None if _settled(request) else request
 
 
 def _ref(request: Any) -> Callable[[], Any]:
@@ -130,6 +146,69 @@ def _ref(request: Any) -> Callable[[], Any]:
 def _settled(request: Any) -> bool:
     """Whether Celery settled *request*'s message (or dropped the request: it did)."""
     return request is None or bool(request.acknowledged or request.message.acknowledged)
+
+
+_INTERRUPTING = Guard("interrupt a task whose message is lost")
+
+
+def _to_interrupt(hb: Heartbeat, copies: _Copies) -> tuple[Loss, Callable[[], None]] | None:
+    """Where *hb*'s message is lost and its task asked to be interrupted: the loss, and
+    how to give the message up."""
+    loss = loss_of(hb) if hb.options.interrupt else None
+    request = None if loss is None else copies.request(hb.receipt_handle)
+    if loss is None or request is None:
+        return None
+    return loss, lambda: _celery.give_up(request)
+
+
+def _say_interrupted(hb: Heartbeat, loss: Loss) -> None:
+    when = loss.visible_at.isoformat() if loss.visible_at else "its queue's timeout"
+    say_interrupted(hb, loss.reason.value, when)
+
+
+def _say_interrupt_limits(app: Any, options: dict[str, HeartbeatOptions]) -> None:
+    """At start: each task that asks to be interrupted but would retry itself on
+    ``MessageLost`` (its ``autoretry_for`` covers it, Celery reads that at
+    registration): its retry is a new message while the lost one comes back."""
+    for name, opts in options.items():
+        task = app.tasks.get(name)
+        if task is None or not (opts.enabled and opts.interrupt):
+            continue
+        covers = [e for e in getattr(task, "autoretry_for", ()) or () if isinstance(e, type)]
+        spared = [e for e in getattr(task, "dont_autoretry_for", ()) or () if isinstance(e, type)]
+        if any(issubclass(MessageLost, e) for e in covers) and not any(
+            issubclass(MessageLost, e) for e in spared
+        ):
+            logger.warning(
+                "celery-sqs-heartbeat: task %s asks for sqs_heartbeat_interrupt, and its "
+                "autoretry_for covers MessageLost: an interrupted run retries as a new "
+                "message while the lost one comes back, so it runs twice more. Add "
+                "celery_sqs_heartbeat.MessageLost to its dont_autoretry_for.",
+                name,
+            )
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """A prefork pool child's handler of ``SIGNAL``: see ``SlotTasks.signalled``."""
+    _process.role().tasks.signalled()
+
+
+def _handle_signal() -> bool:
+    """In a prefork pool child, at its start: raise MessageLost at ``SIGNAL``, unless
+    something else (``CELERY_RDBSIG``, the user) handles it; whether it does."""
+    if SIGNAL is None:
+        return False
+    if signal.getsignal(SIGNAL) not in (signal.SIG_DFL, None):
+        note_once(
+            "signal-taken",
+            logging.WARNING,
+            "celery-sqs-heartbeat: something else handles SIGUSR2 in the pool processes "
+            "(CELERY_RDBSIG?), so sqs_heartbeat_interrupt cannot interrupt their tasks; "
+            "they run on when their message is lost (current().lost says so).",
+        )
+        return False
+    signal.signal(SIGNAL, _on_signal)
+    return True
 
 
 class NotSQS(Role):
@@ -175,6 +254,8 @@ class Main(Role):
         self.beats = self.local
         self.tasks = SidecarTasks(self.local)
         self.copies = _Copies()
+        #: Some task asks to be interrupted (``sqs_heartbeat_interrupt``).
+        self.interrupting = any(o.enabled and o.interrupt for o in options.values())
 
     def received(self, request: Any) -> None:
         hb = _celery.heartbeat_of(
@@ -196,6 +277,14 @@ class Main(Role):
                 "beats each message until Celery settles it (a beat may land just after the "
                 "delete)."
             )
+        if self.unfenced and self.interrupting:
+            logger.warning(
+                "celery-sqs-heartbeat: without process-shared robust mutexes the pool "
+                "children have no slot, so sqs_heartbeat_interrupt cannot reach their "
+                "tasks: they run on when their message is lost."
+            )
+        if self.interrupting:
+            _say_interrupt_limits(self.app, self.options)
         if self.slots is not None:
             _say_platform(helpers=False)
         if self.shared:
@@ -211,7 +300,31 @@ class Main(Role):
             Reporter(self.counters, region=lambda: clients.region),
             call_timeout=clients.timeout,
             fence=self.slots,
+            on_lost=self._lost,
         )
+
+    def _lost(self, hb: Heartbeat) -> None:
+        """From the sidecar, as *hb*'s message is lost: interrupt its task, if it asked."""
+        with _INTERRUPTING:
+            found = _to_interrupt(hb, self.copies)
+            if found is None:
+                return
+            loss, give_up = found
+            if self.slots is None:
+                done = self.tasks.interrupt(hb.receipt_handle, loss, give_up)
+            else:
+                done = self._signal(hb, give_up)
+            if done:
+                _say_interrupted(hb, loss)
+
+    def _signal(self, hb: Heartbeat, give_up: Callable[[], None]) -> bool:
+        """Interrupt the task of *hb*, in the pool child whose slot it runs in."""
+        assert self.slots is not None
+        child = self.slots.interrupt(hb.slot, key_of(hb.receipt_handle))
+        if child is None or SIGNAL is None:
+            return False  # it ended meanwhile, or its process cannot be (it said so)
+        give_up()
+        return self.slots.signal(*child, SIGNAL)
 
     def forked(self) -> Role:
         return Forked(self)
@@ -230,7 +343,10 @@ class Forked(Role):
             return Role()  # no slots: the main process beats until Celery settles
         index = _celery.pool_process_index()
         if index is not None and 0 <= index < slots.capacity:
-            return Child(self._main, slots, index)
+            # The handler before the slot: the main process signals only a child that
+            # said, in its slot, that it handles the signal.
+            interruptible = self._main.interrupting and _handle_signal()
+            return Child(self._main, slots, index, interruptible=interruptible)
         logger.warning(
             "celery-sqs-heartbeat: pool process %s has no slot (%d mapped); the main process "
             "beats its tasks' messages until Celery settles them.",
@@ -244,12 +360,14 @@ class Child(Role):
     """A prefork pool child: it tells the main process through its slot when its task
     starts and ends."""
 
-    def __init__(self, main: Main, slots: Slots, index: int) -> None:
+    def __init__(
+        self, main: Main, slots: Slots, index: int, *, interruptible: bool = False
+    ) -> None:
         super().__init__()
         self.options = main.options
         self.index = index
         self.counters = Counters(*slots.counter_blocks(index))
-        self.tasks = SlotTasks(main.app, main.options, slots, [index])
+        self.tasks = SlotTasks(main.app, main.options, slots, [index], interruptible=interruptible)
 
 
 class Delegating(Role):
@@ -275,6 +393,7 @@ class Delegating(Role):
             options,
             margin=_margin(options),
             fallback=self._beat_here,
+            on_lost=self._lost,
         )
         self.beats = self.heartbeat_process
         self.tasks = SlotTasks(app, options, slots, range(slots.capacity))
@@ -292,6 +411,7 @@ class Delegating(Role):
         # than a fork at worker_init), and the pool has started no thread yet. A
         # message received before is sent to it then.
         _say_platform(helpers=True)
+        _say_interrupt_limits(self.app, self.options)
         self.loader = _celery.kombu_loader(consumer)
         beats = self.heartbeat_process
         beats.green = _celery.is_green(consumer)
@@ -311,10 +431,19 @@ class Delegating(Role):
             self.reporter,
             call_timeout=clients.timeout,
             fence=self.slots,
+            on_lost=self._lost,
         )
         sidecar.run_in_background()
         _say_shared(why, green=self.heartbeat_process.green, margin=_margin(self.options))
         return sidecar
+
+    def _lost(self, hb: Heartbeat) -> None:
+        """From the link thread (or the fallback's sidecar), as *hb*'s message is lost:
+        interrupt its task, a thread or a greenlet of this process, if it asked."""
+        with _INTERRUPTING:
+            found = _to_interrupt(hb, self.copies)
+            if found is not None and self.tasks.interrupt(hb.receipt_handle, *found):
+                _say_interrupted(hb, found[0])
 
 
 def for_worker(worker: Any) -> Role:
@@ -331,6 +460,7 @@ def for_worker(worker: Any) -> Role:
         return Role()
     if BrokerInfo.from_app(app) is None:
         return NotSQS()
+    _celery.expect(app, MessageLost, [n for n, o in options.items() if o.enabled and o.interrupt])
     if not _celery.is_prefork(worker.pool_cls):
         return (
             _delegating(worker, options)

@@ -132,6 +132,16 @@ SETTINGS: tuple[Setting, ...] = (
         _parse_max_duration,
     ),
     Setting(
+        "sqs_heartbeat_interrupt",
+        False,
+        "bool",
+        "Raise celery_sqs_heartbeat.MessageLost in a task whose message is no longer its"
+        " own (receipt handle invalid, max_duration, the 12-hour limit, beats failed), in"
+        " every pool. This worker then neither deletes the message nor changes its"
+        " visibility: it comes back from current().lost.visible_at.",
+        _parse_enabled,
+    ),
+    Setting(
         "sqs_heartbeat_own_process",
         True,
         "bool (worker-wide)",
@@ -158,6 +168,8 @@ class HeartbeatOptions:
     interval: float
     visibility_timeout: int
     max_duration: float | None
+    #: Raise :class:`~._loss.MessageLost` in the task once its message is lost.
+    interrupt: bool = False
 
 
 #: Sentinel: the task class sets no such option (neither ``@app.task`` nor
@@ -209,6 +221,7 @@ def resolve(conf: Any, task: Any | None = None) -> HeartbeatOptions:
         interval=interval,
         visibility_timeout=visibility,
         max_duration=parsed["sqs_heartbeat_max_duration"],
+        interrupt=parsed["sqs_heartbeat_interrupt"],
     )
 
 

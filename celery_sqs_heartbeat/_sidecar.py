@@ -52,7 +52,7 @@ class Fence(Protocol):
 
     def finish(self, index: int) -> None: ...
 
-    def lose(self, index: int, key: int, reason: int, until: float) -> None: ...
+    def lose(self, index: int | None, key: int, reason: int, until: float) -> None: ...
 
 
 class _Beat(NamedTuple):
@@ -92,6 +92,7 @@ class Sidecar:
         jitter: Callable[[], float] = random.random,
         executor: Executor | None = None,
         wake_every: float = math.inf,
+        on_lost: Callable[[Heartbeat], None] | None = None,
     ) -> None:
         self._sender = sender
         self._report = reporter
@@ -99,6 +100,9 @@ class Sidecar:
         self._counts = reporter.counters.own
         self._call_timeout = call_timeout
         self._fence = fence
+        #: Told of each heartbeat that ended with its message lost, after the report
+        #: (without the lock): the interrupt (``sqs_heartbeat_interrupt``).
+        self._on_lost = on_lost
         self._clock = clock
         self._jitter = jitter
         #: Every heartbeat not yet ended, by receipt handle.
@@ -289,14 +293,17 @@ class Sidecar:
         """Report that *hb* ended (without the lock); where its message was lost and its
         task writes a slot, tell the task there first (``current().lost``): whoever
         hears of the end may look there at once."""
-        slot = hb.slot
-        reason = None if slot is None else reason_of(hb.ended)
-        if reason is not None and slot is not None and self._fence is not None:
-            try:
-                self._fence.lose(slot, key_of(hb.receipt_handle), CODES[reason], hb.visible_until)
+        reason = None if self._fence is None and self._on_lost is None else reason_of(hb.ended)
+        if reason is not None and self._fence is not None:
+            try:  # its slot, if no beat found it there yet (hb.slot None): looked for
+                self._fence.lose(
+                    hb.slot, key_of(hb.receipt_handle), CODES[reason], hb.visible_until
+                )
             except SlotsBroken as exc:
                 self._say_broken(exc)
         self._report.ended(hb, beats, detail)
+        if reason is not None and self._on_lost is not None:
+            self._on_lost(hb)
 
     def stats(self) -> Stats:
         return self._report.counters.stats()

@@ -45,6 +45,7 @@ import itertools
 import mmap
 import os
 import select
+import signal
 import sys
 import threading
 import time
@@ -104,6 +105,11 @@ class _Slot(ctypes.Structure):
         ("lost_key", ctypes.c_uint64),
         ("lost_reason", ctypes.c_int64),
         ("lost_until", ctypes.c_double),
+        #: The beating process's: it gave up the message of the task of this key, to
+        #: interrupt it (``sqs_heartbeat_interrupt``); the task reads it at its end.
+        ("given_up", ctypes.c_uint64),
+        #: The pool process's, as it attached: it raises MessageLost at ``SIGUSR2``.
+        ("interruptible", ctypes.c_int32),
     ]
 
 
@@ -265,15 +271,17 @@ class Slots:
 
     # -- a pool child's side -------------------------------------------------------------
 
-    def attach(self, index: int, pid: int) -> None:
+    def attach(self, index: int, pid: int, *, interruptible: bool = False) -> None:
         """A pool process with id *pid* (the caller itself) starts using slot *index*:
         whatever the process before it left there (killed in the middle of a task) has
-        ended. It writes its identity too, read now: once per process, not per task."""
+        ended. It writes its identity too, read now: once per process, not per task;
+        and whether it handles the interrupt's signal (:meth:`interrupt`)."""
         identity = _liveness.identity(pid, self._proc)
         with self._locked(index) as slot:
             if slot.state == _RUNNING:
                 slot.previous, slot.state = slot.key, _ENDED
             slot.extending = 0
+            slot.interruptible = interruptible
             slot.pid, slot.identity = pid, identity
 
     def started(self, index: int, key: int) -> None:
@@ -292,13 +300,15 @@ class Slots:
         finally:
             self._unlock(index)
 
-    def ended(self, index: int) -> None:
-        """``task_postrun``: no beat is sent for the task once this returns."""
+    def ended(self, index: int) -> bool:
+        """``task_postrun``: no beat is sent for the task once this returns. Whether the
+        beating process gave its message up to interrupt it (:meth:`interrupt`)."""
         slot = self._table[index]
         self._lock(index)
         try:
             slot.state = _ENDED
             busy = slot.in_flight > 0
+            given_up = bool(slot.given_up == slot.key)
         finally:
             self._unlock(index)
         ring = self._ended
@@ -306,6 +316,7 @@ class Slots:
             ring[next(self._ended_at) % len(ring)] = slot.key  # the key is this task's own
         if busy:
             _wait_idle(slot)
+        return given_up
 
     def configure(self, index: int, key: int, interval: float, visibility_timeout: int) -> bool:
         """The task of message *key* sets its pace; False if it no longer runs there (a
@@ -317,13 +328,71 @@ class Slots:
             slot.pace_key = key  # last: a write cut short is never read
             return True
 
-    def lose(self, index: int, key: int, reason: int, until: float) -> None:
+    def _running_in(self, key: int) -> int | None:
+        """The slot the task of message *key* runs in, as a read without the locks says
+        (the caller checks under the slot's)."""
+        return next(
+            (i for i, s in enumerate(self._table) if s.key == key and s.state == _RUNNING), None
+        )
+
+    def lose(self, index: int | None, key: int, reason: int, until: float) -> None:
         """The beating process: the heartbeat of the task of message *key* ended with
-        its message lost (*reason*), hidden until *until*. Said only to that task."""
+        its message lost (*reason*), hidden until *until*. Said only to that task.
+        *index*: where a beat last found it (None: looked for)."""
+        index = self._running_in(key) if index is None else index
+        if index is None:
+            return
         with self._locked(index) as slot:
             if slot.key == key:
                 slot.lost_reason, slot.lost_until = reason, until
                 slot.lost_key = key  # last: a write cut short is never read
+
+    def interrupt(self, index: int | None, key: int) -> tuple[int, int] | None:
+        """The beating process: interrupt the task of message *key*. If it still runs in
+        slot *index* (None: looked for), its message is given up from now on (its task
+        hears so at its end), and this returns its process to signal, as (pid,
+        identity). None: it ended, or its process handles no such signal."""
+        index = self._running_in(key) if index is None else index
+        if index is None:
+            return None
+        with self._locked(index) as slot:
+            if slot.key != key or slot.state != _RUNNING or not slot.interruptible:
+                return None
+            slot.given_up = key
+            return int(slot.pid), int(slot.identity)
+
+    def signal(self, pid: int, identity: int, signum: int) -> bool:
+        """Send *signum* to pool process *pid*, if it is still the one that attached as
+        *identity*: through its pidfd where the kernel has them (looked up and used
+        under one hold of the lock, so no other thread closes it between), so that a
+        process that reused the PID gets nothing. False: it is gone."""
+        child = (pid, identity)
+        for _look in range(2):  # the pidfd is opened by the first look, if not yet
+            with self._pidfds_lock:
+                fd = self._pidfds.get(child)
+                if fd is not None:
+                    try:
+                        signal.pidfd_send_signal(fd, signum)
+                    except ProcessLookupError:
+                        return False
+                    return True
+            if not self._alive(pid, identity):
+                return False
+        if _liveness.probe().pidfd:
+            return False  # its pidfd was closed meanwhile: it exited
+        try:  # no pidfds here: /proc said it is the same process a moment ago
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def loss_said(self, index: int, key: int) -> tuple[int, float] | None:
+        """:meth:`loss` without the lock, for a signal handler, which may run while its
+        thread holds it: ``lost_key`` is one aligned word, written last."""
+        slot = self._table[index]
+        if slot.lost_key != key:
+            return None
+        return int(slot.lost_reason), float(slot.lost_until)
 
     def loss(self, index: int, key: int) -> tuple[int, float] | None:
         """The task of message *key*: its message's loss, as :meth:`lose` said it."""

@@ -16,16 +16,18 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from ._beats import LocalBeats
-from ._celery import receipt_handle, running_heartbeat
+from ._celery import late_options, receipt_handle, running_heartbeat
 from ._client import BrokerInfo, Clients, call_timeout
 from ._control import InChild, InProcess, TaskHeartbeat
 from ._guard import note_once
 from ._heartbeat import Heartbeat
-from ._report import Counters, Reporter
+from ._interrupt import Armed, Armings
+from ._loss import REASONS, Loss
+from ._report import Counters, Reporter, say_unreached
 from ._send import Sender
 from ._settings import HeartbeatOptions, shortest_interval
 from ._slots import Slots, key_of
@@ -44,11 +46,20 @@ class Tasks(Protocol):
     def started(self, task: Any, task_id: str) -> None:
         """``task_prerun``, in the task's own thread."""
 
-    def ended(self, task_id: str) -> None:
-        """``task_postrun``, in the task's own thread: final, no beat follows it."""
+    def ended(self, task_id: str, stopped: bool = False) -> None:
+        """``task_postrun``, in the task's own thread: final, no beat follows it.
+        *stopped*: the task failed with ``MessageLost``."""
 
     def current(self, task: Any) -> TaskHeartbeat | None:
         """The manual control of *task*, running in this thread; None: no heartbeat."""
+
+    def interrupt(self, receipt_handle: str, loss: Loss, give_up: Callable[[], None]) -> bool:
+        """Raise ``MessageLost`` in the task of that message, if it runs in this process
+        and asked for it, its message given up first; whether it will be."""
+
+    def signalled(self) -> None:
+        """A prefork pool child's handler of ``_interrupt.SIGNAL``: the beating process
+        found the message of the task running here lost, and gave it up."""
 
 
 class _NoTasks:
@@ -57,11 +68,17 @@ class _NoTasks:
     def started(self, task: Any, task_id: str) -> None:
         pass
 
-    def ended(self, task_id: str) -> None:
+    def ended(self, task_id: str, stopped: bool = False) -> None:
         pass
 
     def current(self, task: Any) -> TaskHeartbeat | None:
         return None
+
+    def interrupt(self, receipt_handle: str, loss: Loss, give_up: Callable[[], None]) -> bool:
+        return False
+
+    def signalled(self) -> None:
+        pass
 
 
 NO_TASKS: Tasks = _NoTasks()
@@ -94,6 +111,8 @@ class SidecarTasks:
         self.running: dict[tuple[int, str], Heartbeat] = {}
         #: The manual control of each, made on the first ``current()``.
         self.handles: dict[tuple[int, str], TaskHeartbeat] = {}
+        #: Those that asked to be interrupted (``sqs_heartbeat_interrupt``).
+        self.armings = Armings()
 
     def started(self, task: Any, task_id: str) -> None:
         sidecar = self._beats.running
@@ -103,12 +122,17 @@ class SidecarTasks:
         hb = None if handle is None else sidecar.run(handle)
         if hb is not None:
             self.running[threading.get_ident(), task_id] = hb
+            if hb.options.interrupt:
+                self.armings.arm(hb.receipt_handle)
 
-    def ended(self, task_id: str) -> None:
+    def ended(self, task_id: str, stopped: bool = False) -> None:
         key = (threading.get_ident(), task_id)
-        hb = self.running.pop(key, None)
+        hb = self.running.get(key)
         if hb is None:
             return
+        if hb.options.interrupt and self.armings.disarm(hb.receipt_handle) and not stopped:
+            say_unreached(hb.task_name, hb.task_id)
+        self.running.pop(key, None)
         if self.handles:
             self.handles.pop(key, None)
         sidecar = self._beats.running
@@ -121,21 +145,31 @@ class SidecarTasks:
         hb = self.running.get(key)
         sidecar = self._beats.running
         if handle is None and hb is not None and sidecar is not None:
-            handle = self.handles[key] = TaskHeartbeat(InProcess(sidecar, hb))
+            shield = self.armings.shield(hb.receipt_handle)
+            handle = self.handles[key] = TaskHeartbeat(InProcess(sidecar, hb), shield)
         return handle
+
+    def interrupt(self, receipt_handle: str, loss: Loss, give_up: Callable[[], None]) -> bool:
+        return self.armings.interrupt(receipt_handle, loss, give_up)
+
+    def signalled(self) -> None:
+        pass
 
 
 class _Running:
     """A task that writes a slot: the slot, and its manual control once asked for."""
 
-    __slots__ = ("handle", "index", "receipt_handle", "request", "started")
+    __slots__ = ("armed", "handle", "index", "key", "receipt_handle", "request", "started")
 
-    def __init__(self, receipt_handle: str, request: Any, index: int) -> None:
+    def __init__(self, receipt_handle: str, key: int, request: Any, index: int) -> None:
         self.receipt_handle = receipt_handle
+        self.key = key
         self.request = request
         self.index = index
         self.started = time.monotonic()
         self.handle: TaskHeartbeat | None = None
+        #: Set last, where the task asked to be interrupted.
+        self.armed: Armed | None = None
 
 
 class SlotTasks:
@@ -143,14 +177,20 @@ class SlotTasks:
     slots of this process, when it starts and ends."""
 
     def __init__(
-        self, app: Any, options: dict[str, HeartbeatOptions], slots: Slots, indexes: Iterable[int]
+        self,
+        app: Any,
+        options: dict[str, HeartbeatOptions],
+        slots: Slots,
+        indexes: Iterable[int],
+        *,
+        interruptible: bool = False,
     ) -> None:
         self.app = app
         self.options = options
         self.slots = slots
         free = list(indexes)
         for index in free:
-            slots.attach(index, os.getpid())
+            slots.attach(index, os.getpid(), interruptible=interruptible)
         #: A process of one slot, and that slot.
         self.single, self.index = len(free) == 1, free[0] if free else 0
         #: The slots no task uses. Taken and given back by the tasks' threads: a list's
@@ -160,6 +200,8 @@ class SlotTasks:
         self.running: dict[tuple[int, str], _Running] = {}
         #: A sender for the tasks' own extensions, made on the first one.
         self.sender: Sender | None = None
+        #: Those that asked to be interrupted, where they run in this process.
+        self.armings = Armings()
 
     def started(self, task: Any, task_id: str) -> None:
         request = task.request
@@ -177,20 +219,31 @@ class SlotTasks:
                 self.slots.capacity,
             )
             return
+        key = key_of(handle)
         try:
-            self.slots.started(index, key_of(handle))
+            self.slots.started(index, key)
         except BaseException:
             self.free.append(index)  # a slot that failed once is not lost for good
             raise
-        self.running[threading.get_ident(), task_id] = _Running(handle, request, index)
+        running = self.running[threading.get_ident(), task_id] = _Running(
+            handle, key, request, index
+        )
+        if (self.options.get(task.name) or late_options(task)).interrupt:
+            running.armed = self.armings.arm(handle)
 
-    def ended(self, task_id: str) -> None:
-        running = self.running.pop((threading.get_ident(), task_id), None)
-        if running is not None:
-            try:
-                self.slots.ended(running.index)
-            finally:
-                self.free.append(running.index)
+    def ended(self, task_id: str, stopped: bool = False) -> None:
+        key = (threading.get_ident(), task_id)
+        running = self.running.get(key)
+        if running is None:
+            return
+        decided = running.armed is not None and self.armings.disarm(running.receipt_handle)
+        self.running.pop(key, None)
+        try:
+            given_up = self.slots.ended(running.index)  # by the main process, in prefork
+        finally:
+            self.free.append(running.index)
+        if (decided or given_up) and not stopped:
+            say_unreached(running.request.task, running.request.id)
 
     def _take(self) -> int | None:
         """A free slot; None if every one is taken. A process of one slot (a prefork
@@ -214,8 +267,22 @@ class SlotTasks:
             counters = Counters(*self.slots.counter_blocks(running.index))
             reporter = Reporter(counters, region=lambda: None)
             control = InChild(self.slots, running.index, hb, self._sender, reporter)
-            running.handle = TaskHeartbeat(control)
+            running.handle = TaskHeartbeat(control, self.armings.shield(running.receipt_handle))
         return running.handle
+
+    def interrupt(self, receipt_handle: str, loss: Loss, give_up: Callable[[], None]) -> bool:
+        return self.armings.interrupt(receipt_handle, loss, give_up)
+
+    def signalled(self) -> None:
+        # In the task's thread, between two of its bytecodes: no lock is taken, and the
+        # slot is read without its mutex (this thread may hold it).
+        for running in list(self.running.values()):
+            said = self.slots.loss_said(running.index, running.key)
+            if running.armed is None or said is None:
+                continue  # a signal for a task that ended: spent
+            reason = REASONS.get(said[0])
+            if reason is not None:
+                running.armed.signalled(Loss.of(reason, said[1]))
 
     def _enabled(self, task: Any) -> bool:
         options = self.options.get(task.name)

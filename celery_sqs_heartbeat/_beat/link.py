@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 from .. import _system
 from .._client import Clients
 from .._heartbeat import Ended, Heartbeat
+from .._loss import reason_of
 from .._report import STARTED, Reporter
 from .._send import Answer
 from .._settings import HeartbeatOptions
@@ -93,6 +94,7 @@ class HeartbeatProcess:
         *,
         margin: float = math.inf,
         fallback: Callable[[str], Sidecar] | None = None,
+        on_lost: Callable[[Heartbeat], None] | None = None,
     ) -> None:
         self._slots = slots
         self._report = reporter
@@ -104,6 +106,8 @@ class HeartbeatProcess:
         self.hang = _keeper.hang_limit(margin)
         #: Makes the sidecar of the worker's own process, given why it is needed.
         self._fallback = fallback
+        #: Told of each heartbeat the heartbeat process ended with its message lost.
+        self._on_lost = on_lost
         #: That sidecar, once made: every message is beaten there from then on.
         self.local: Sidecar | None = None
         #: The keeper, what it shows without a packet (its tick, its heartbeat process), and
@@ -369,6 +373,8 @@ class HeartbeatProcess:
                 # the sweep, which only drops settled messages, had dropped it).
                 hb.ended = Ended.SETTLED
             self._report.ended(hb, report.beats, report.detail)
+            if self._on_lost is not None and reason_of(hb.ended) is not None:
+                self._on_lost(hb)
         elif isinstance(report, wire.Log):
             record = logging.makeLogRecord(report.fields)
             if logger.isEnabledFor(record.levelno):

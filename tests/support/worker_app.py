@@ -280,3 +280,31 @@ def until_lost(self, max_seconds: float) -> None:
         active=hb.active if hb is not None else None,
     )
     record("end", request.id, retries=request.retries)
+
+
+@app.task(bind=True)
+def until_interrupted(self, max_seconds: float) -> None:
+    """Runs (sleeping in short steps, as a task that does I/O) until ``MessageLost`` is
+    raised in it, at most *max_seconds*; records it and lets it go on to Celery. Its
+    message's next copy ends at once."""
+    from celery_sqs_heartbeat import MessageLost
+
+    request = self.request
+    receipt_handle = (request.properties or {}).get("delivery_tag")
+    attributes = request.properties["delivery_info"]["sqs_message"].get("Attributes", {})
+    copy = int(attributes.get("ApproximateReceiveCount", "1"))
+    record("start", request.id, retries=request.retries, receipt_handle=receipt_handle)
+    try:
+        deadline = time.monotonic() + (0 if copy > 1 else max_seconds)
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+    except MessageLost as exc:
+        record(
+            "interrupted",
+            request.id,
+            retries=request.retries,
+            receipt_handle=receipt_handle,
+            reason=exc.loss.reason.name if exc.loss else None,
+        )
+        raise
+    record("end", request.id, retries=request.retries, receipt_handle=receipt_handle)

@@ -371,7 +371,7 @@ class FlakySlots:
         self.fail: set[str] = set()
         self.started_keys: list[int] = []
 
-    def attach(self, index: int, pid: int) -> None: ...
+    def attach(self, index: int, pid: int, *, interruptible: bool = False) -> None: ...
 
     def started(self, index: int, key: int) -> None:
         if "started" in self.fail:
@@ -379,10 +379,11 @@ class FlakySlots:
             raise OSError("started")
         self.started_keys.append(key)
 
-    def ended(self, index: int) -> None:
+    def ended(self, index: int) -> bool:
         if "ended" in self.fail:
             self.fail.discard("ended")
             raise OSError("ended")
+        return False
 
 
 @pytest.mark.parametrize("failing", ["started", "ended", "no postrun"])
