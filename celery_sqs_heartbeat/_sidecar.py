@@ -16,15 +16,17 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
-from ._heartbeat import RIDE_FRACTION, STOP_WAIT, Ended, Heartbeat, Outcome, allowed
+from ._fence import Fence, Fenced
+from ._heartbeat import STOP_WAIT, Ended, Heartbeat, Outcome, allowed
 from ._loss import CODES, reason_of
 from ._report import STARTED, STOPPED, Reports, Stats, say_stalled
 from ._send import MAX_BATCH, Answer, Sender
-from ._slots import SlotsBroken, SlotView, key_of
+from ._slots import SlotView
+from ._turn import earliest, look
 
-__all__ = ["STOP_WAIT", "Fence", "Sidecar"]
+__all__ = ["STOP_WAIT", "Sidecar"]
 
 logger = logging.getLogger("celery_sqs_heartbeat")
 
@@ -45,16 +47,6 @@ EXTEND_WAIT_MARGIN = 1.0
 TURN_SLACK = 1.0
 
 
-class Fence(Protocol):
-    """The main process's side of the prefork channel (``_slots.Slots``)."""
-
-    def begin(self, key: int, index: int | None) -> SlotView | None: ...
-
-    def finish(self, index: int) -> None: ...
-
-    def lose(self, index: int | None, key: int, reason: int, until: float) -> None: ...
-
-
 class _Beat(NamedTuple):
     """A beat taken to be sent: its heartbeat, and the latest due time at which it goes
     now (a rider's is later than now)."""
@@ -68,14 +60,6 @@ class _Ask(NamedTuple):
 
     hb: Heartbeat
     asked: int
-
-
-class _Turn(NamedTuple):
-    """What one look at the registry found, without the lock."""
-
-    settled: list[Heartbeat]
-    #: (heartbeat, latest due time to send it now): the due beats, then the riders.
-    candidates: list[tuple[Heartbeat, float]]
 
 
 class Sidecar:
@@ -99,7 +83,7 @@ class Sidecar:
         #: The counters' block this sidecar writes ``started`` and ``stopped`` to.
         self._counts = reporter.counters.own
         self._call_timeout = call_timeout
-        self._fence = fence
+        self._fence = None if fence is None else Fenced(fence)
         #: Told of each heartbeat that ended with its message lost, after the report
         #: (without the lock): the interrupt (``sqs_heartbeat_interrupt``).
         self._on_lost = on_lost
@@ -126,8 +110,8 @@ class Sidecar:
         self._turned = clock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        #: An unexpected error has been said (``_deliver``); a broken slot has been said.
-        self._failed = self._broken = False
+        #: An unexpected error has been said (``_deliver``).
+        self._failed = False
         self._executor = executor or ThreadPoolExecutor(
             MAX_CALLS, thread_name_prefix=f"{THREAD_NAME}-send"
         )
@@ -295,12 +279,7 @@ class Sidecar:
         hears of the end may look there at once."""
         reason = None if self._fence is None and self._on_lost is None else reason_of(hb.ended)
         if reason is not None and self._fence is not None:
-            try:  # its slot, if no beat found it there yet (hb.slot None): looked for
-                self._fence.lose(
-                    hb.slot, key_of(hb.receipt_handle), CODES[reason], hb.visible_until
-                )
-            except SlotsBroken as exc:
-                self._say_broken(exc)
+            self._fence.lose(hb, CODES[reason])
         self._report.ended(hb, beats, detail)
         if reason is not None and self._on_lost is not None:
             self._on_lost(hb)
@@ -362,7 +341,7 @@ class Sidecar:
             self._wake_at = math.inf
             beats = list(self._beats.values())
             shortest = self._shortest
-        found = self._look(beats, now)
+        found = look(beats, now)
         with self._lock:
             ended = [hb for hb in found.settled if self._drop(hb) and hb.end(Ended.SETTLED)]
             requests = self._take(found.candidates)
@@ -374,38 +353,13 @@ class Sidecar:
         # Beats just submitted are in flight, not counted here: their answers wake the
         # loop if they are due again sooner. So the loop never turns again at once, and
         # the executor's threads do not find it holding the lock they need next.
-        wake = min(now + min(shortest, self._wake_every), _earliest(beats))
+        wake = min(now + min(shortest, self._wake_every), earliest(beats))
         if wait and not self._stopping.is_set():
             with self._lock:
                 self._wake_at = wake
             self._wake.wait(None if wake == math.inf else max(0.0, wake - self._clock()))
             self._wake.clear()
         return wake
-
-    def _look(self, beats: list[Heartbeat], now: float) -> _Turn:
-        """Sort a copy of the registry, without the lock: what Celery settled, what is
-        due, and what is due soon enough to take a free place in a request."""
-        settled: list[Heartbeat] = []
-        due: list[Heartbeat] = []
-        soon: list[Heartbeat] = []
-        for hb in beats:
-            if hb.in_flight or hb.ended is not None:
-                continue
-            if hb.is_settled is not None and hb.is_settled():
-                settled.append(hb)
-            elif hb.next_due <= now:
-                due.append(hb)
-            elif not hb.first and hb.next_due <= now + RIDE_FRACTION * hb.options.interval:
-                soon.append(hb)
-        candidates = [(hb, now) for hb in sorted(due, key=_next_due)]
-        free: dict[str, int] = {}
-        for hb, _ in candidates:
-            free[hb.queue_url] = (free.get(hb.queue_url, 0) - 1) % MAX_BATCH
-        for hb in sorted(soon, key=_next_due):
-            if free.get(hb.queue_url):
-                free[hb.queue_url] -= 1
-                candidates.append((hb, now + RIDE_FRACTION * hb.options.interval))
-        return _Turn(settled, candidates)
 
     def _take(self, candidates: list[tuple[Heartbeat, float]]) -> dict[str, list[_Beat]]:
         """Under the lock: mark each candidate in flight and group them per queue."""
@@ -447,7 +401,8 @@ class Sidecar:
         ended: list[Heartbeat] = []
         outcomes: list[Outcome] = []
         try:
-            self._read_slots(entries, views)
+            if self._fence is not None:
+                self._fence.read([b.hb for b in entries], views)
             with self._lock:
                 sent = self._clock()
                 send = self._confirm(entries, views, sent, ended)
@@ -462,27 +417,12 @@ class Sidecar:
                             self._apply(beat.hb, sent, beat.asked, answer, answered, manual=False)
                         )
         finally:
-            for view in views.values():
-                if view.fenced:
-                    self._finish(view.index)
+            if self._fence is not None:
+                self._fence.finish(views.values())
         for hb in ended:
             self._say_ended(hb, hb.beats)
         for s in outcomes:
             self._tell(s)
-
-    def _read_slots(self, entries: list[_Beat], views: dict[Heartbeat, SlotView]) -> None:
-        """What the prefork slots say of the entries' tasks, into *views*, without the
-        lock; each running task's slot counts its beat in flight from here."""
-        if self._fence is None:
-            return
-        for beat in entries:
-            try:
-                view = self._fence.begin(key_of(beat.hb.receipt_handle), beat.hb.slot)
-            except SlotsBroken as exc:  # beaten unfenced, until Celery settles it
-                self._say_broken(exc)
-                continue
-            if view is not None:
-                views[beat.hb] = view
 
     def _confirm(
         self,
@@ -510,31 +450,3 @@ class Sidecar:
             self._note_due(hb)
         self._answered.notify_all()
         return send
-
-    def _finish(self, index: int) -> None:
-        assert self._fence is not None
-        try:
-            self._fence.finish(index)
-        except SlotsBroken as exc:
-            self._say_broken(exc)
-
-    def _say_broken(self, exc: SlotsBroken) -> None:
-        if not self._broken:
-            self._broken = True
-            logger.error(
-                "celery-sqs-heartbeat: %s; the messages of that slot's tasks are beaten "
-                "until Celery settles them (a beat may land just after the delete). "
-                "Restart the worker to map new slots (said once).",
-                exc,
-            )
-
-
-def _next_due(hb: Heartbeat) -> float:
-    return hb.next_due
-
-
-def _earliest(beats: list[Heartbeat]) -> float:
-    """When the first of *beats* not in flight is due (an answer wakes the loop itself)."""
-    return min(
-        (hb.next_due for hb in beats if hb.ended is None and not hb.in_flight), default=math.inf
-    )

@@ -24,7 +24,7 @@ and the next process to take the lock simply goes on. The rules between the side
   in its place ends, as it attaches, whatever the dead one left running or held.
 * A process is known by its PID *and* its identity, written as it attaches: its start
   time where /proc can be read. A new child that reuses a dead one's PID is another
-  process to the main process, never the dead one still (see :meth:`Slots._alive`).
+  process to the main process, never the dead one still (see :class:`_liveness.Watch`).
 * A task's manual extension (sent by the child itself) marks the slot ``extending``, so
   the main process holds its regular beats, then says what it asked and when.
 
@@ -44,10 +44,6 @@ import errno
 import itertools
 import mmap
 import os
-import select
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -221,15 +217,11 @@ class Slots:
         finally:
             libc.pthread_mutexattr_destroy(attr)
         self._lock_fn, self._unlock_fn = libc.pthread_mutex_lock, libc.pthread_mutex_unlock
-        #: The main process's pidfd of each child it has seen in a slot, by (pid, identity).
-        self._pidfds: dict[tuple[int, int], int] = {}
-        #: Guards ``_pidfds`` between the sidecar's sender threads (see :meth:`_alive`).
-        #: Only the beating process takes it: a pool child forked while it was held
-        #: never does.
-        self._pidfds_lock = threading.Lock()
         #: Whether /proc tells processes apart: probed here, before the fork, so that
         #: the children inherit the answer.
         self._proc = _liveness.probe().proc
+        #: The beating process's pidfds of the pool processes it has seen in a slot.
+        self._watch = _liveness.Watch(self._proc, self._named, keep=2 * capacity)
 
     def counter_blocks(self, slot: int | None, *, beat: bool = False) -> tuple[Any, list[Any]]:
         """The block of counters that the main process (*slot* None), the task in *slot*
@@ -363,28 +355,8 @@ class Slots:
 
     def signal(self, pid: int, identity: int, signum: int) -> bool:
         """Send *signum* to pool process *pid*, if it is still the one that attached as
-        *identity*: through its pidfd where the kernel has them (looked up and used
-        under one hold of the lock, so no other thread closes it between), so that a
-        process that reused the PID gets nothing. False: it is gone."""
-        child = (pid, identity)
-        for _look in range(2):  # the pidfd is opened by the first look, if not yet
-            with self._pidfds_lock:
-                fd = self._pidfds.get(child)
-                if fd is not None:
-                    try:
-                        signal.pidfd_send_signal(fd, signum)
-                    except ProcessLookupError:
-                        return False
-                    return True
-            if not self._alive(pid, identity):
-                return False
-        if _liveness.probe().pidfd:
-            return False  # its pidfd was closed meanwhile: it exited
-        try:  # no pidfds here: /proc said it is the same process a moment ago
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            return False
-        return True
+        *identity* (:meth:`_liveness.Watch.signal`). False: it is gone."""
+        return self._watch.signal(pid, identity, signum)
 
     def loss_said(self, index: int, key: int) -> tuple[int, float] | None:
         """:meth:`loss` without the lock, for a signal handler, which may run while its
@@ -449,7 +421,7 @@ class Slots:
             at, seconds = float(slot.extended_at), int(slot.extended_for)
         alive = False
         try:
-            alive = self._alive(pid, identity)
+            alive = self._watch.alive(pid, identity)
         finally:
             # Dead, or the check raised: no beat goes, so none is left in flight (a
             # task_postrun would wait for it).
@@ -479,75 +451,9 @@ class Slots:
         with self._locked(index) as slot:
             slot.in_flight = max(0, slot.in_flight - 1)
 
-    def _alive(self, pid: int, identity: int) -> bool:
-        """Whether pool process *pid*, which attached as *identity*, still runs; a dead
-        child that Celery has not yet reaped counts as gone (its pidfd is readable from
-        the moment it exits).
-
-        Its pidfd is kept by (pid, identity): a new child that reuses the PID is not
-        watched through the dead one's. A pidfd opened after the child attached refers
-        to it if /proc still shows its start time after the open; that read is made
-        only then, not at each beat. Without pidfds, /proc is read at each beat.
-
-        The sidecar's sender threads may call this at once. The lock is held across
-        ``poll(0)``, which does not block: a pidfd is closed only once out of the dict,
-        so no thread polls a number closed (and perhaps reused) by another.
-        """
-        child = (pid, identity)
-        poll = _poll()  # not select(): a pidfd may be 1024 or more
-        with self._pidfds_lock:
-            fd = self._pidfds.get(child)
-            gone = fd is not None and self._gone(child, fd, poll)
-        if fd is not None:
-            if gone:
-                os.close(fd)
-            return not gone
-        try:
-            opened = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return False
-        except (AttributeError, OSError):  # no pidfd here (ENOSYS; a seccomp's EPERM)
-            return _liveness.is_still(pid, identity, self._proc)
-        if not _liveness.is_still(pid, identity, self._proc):  # a zombie; the PID another's already
-            os.close(opened)
-            return False
-        with self._pidfds_lock:
-            fd = self._pidfds.setdefault(child, opened)  # another thread's may be there
-            gone = self._gone(child, fd, poll)
-            stale = self._stale() if len(self._pidfds) > 2 * self.capacity else []
-        closing = set(stale)  # out of the dict now: no other thread polls them
-        if fd != opened:
-            closing.add(opened)
-        if gone:
-            closing.add(fd)
-        for old in closing:
-            os.close(old)
-        return not gone
-
-    def _gone(self, child: tuple[int, int], fd: int, poll: Any) -> bool:
-        """Whether *child*'s pidfd *fd* says it exited; if so it leaves ``_pidfds`` (the
-        caller closes it). With ``_pidfds_lock`` held."""
-        poll.register(fd, select.POLLIN)
-        if not poll.poll(0):
-            return False
-        del self._pidfds[child]
-        return True
-
-    def _stale(self) -> list[int]:
-        """The pidfds of processes no slot names any more (long replaced), out of
-        ``_pidfds`` for the caller to close. With ``_pidfds_lock`` held."""
-        current = {(int(s.pid), int(s.identity)) for s in self._table}
-        stale = [child for child in self._pidfds if child not in current]
-        return [self._pidfds.pop(child) for child in stale]
-
-
-def _poll() -> Any:
-    """A poll object of the operating system's own: eventlet's green ``select`` has none
-    (and a pidfd is only looked at, never waited for)."""
-    eventlet = sys.modules.get("eventlet.patcher")
-    if eventlet is not None and eventlet.is_monkey_patched("select"):
-        return eventlet.original("select").poll()
-    return select.poll()
+    def _named(self) -> set[tuple[int, int]]:
+        """The pool processes the slots name now, as (pid, identity)."""
+        return {(int(s.pid), int(s.identity)) for s in self._table}
 
 
 def _wait_idle(slot: _Slot) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from celery_sqs_heartbeat import _liveness, _slots
+from celery_sqs_heartbeat import _liveness
 from celery_sqs_heartbeat._slots import Slots, key_of
 
 pytestmark = pytest.mark.timeout(30)
@@ -196,7 +196,7 @@ def test_a_liveness_check_that_raises_leaves_no_beat_in_flight(
     def broken(*_: object) -> bool:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(slots, "_alive", broken)
+    monkeypatch.setattr(slots._watch, "alive", broken)
     with pytest.raises(RuntimeError):
         slots.begin(RH, 0)
     assert in_flight(slots, 0) == 0
@@ -241,7 +241,7 @@ def test_two_threads_that_open_a_childs_pidfd_at_once_keep_one(
     before = open_fds()
     errors = run_threads([functools.partial(beat, slots, key_of(f"rh{i}"), i) for i in (0, 1)])
     assert errors == []
-    assert open_fds() - before == len(slots._pidfds) == 1
+    assert open_fds() - before == len(slots._watch._pidfds) == 1
 
 
 def test_two_threads_that_see_a_child_dead_at_once_both_say_so(
@@ -274,7 +274,7 @@ def test_two_threads_that_see_a_child_dead_at_once_both_say_so(
                 both.wait()
             return self._poll.poll(timeout)
 
-    monkeypatch.setattr(_slots, "_poll", Poll)
+    monkeypatch.setattr(_liveness, "_poll", Poll)
     before = open_fds()
     alive: list[bool] = []
 
@@ -284,7 +284,7 @@ def test_two_threads_that_see_a_child_dead_at_once_both_say_so(
     errors = run_threads([functools.partial(beat_of, i) for i in (0, 1)])
     assert errors == []
     assert alive == [False, False]
-    assert open_fds() - before == -1 and slots._pidfds == {}
+    assert open_fds() - before == -1 and slots._watch._pidfds == {}
 
 
 def test_many_threads_beating_while_the_pidfds_are_pruned(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -314,7 +314,7 @@ def test_many_threads_beating_while_the_pidfds_are_pruned(monkeypatch: pytest.Mo
             [functools.partial(replaced_at_every_beat, i) for i in range(capacity)]
         )
         assert errors == []
-        assert open_fds() - before == len(slots._pidfds) <= 2 * capacity
+        assert open_fds() - before == len(slots._watch._pidfds) <= 2 * capacity
     finally:
         os.close(watched)
         os.close(unwritten)
