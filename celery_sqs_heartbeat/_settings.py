@@ -10,8 +10,9 @@ is checked against it by a test.
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -275,11 +276,64 @@ def _pace_error(
 # -- every task of an app ----------------------------------------------------------------
 
 
+#: What every heartbeat setting's name begins with, once lower-cased and without
+#: Celery's ``CELERY_`` namespace prefix (Django's ``CELERY_SQS_HEARTBEAT_ENABLED``).
+_PREFIX = "sqs_heartbeat"
+_NAMESPACE = "celery_"
+
+
+def _meant(key: str) -> str | None:
+    """The heartbeat setting *key* looks like it names (None: it looks like none)."""
+    name = key.lower()
+    name = name.removeprefix(_NAMESPACE)
+    return name if name.startswith(_PREFIX) and name not in RENAMED else None
+
+
+def _suggest(name: str, known: Collection[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def check_names(app: Any) -> None:
+    """Stop on a name that looks like a heartbeat setting or task option but that the
+    heartbeat never reads: a typo (``sqs_heartbeat_intervl``), a worker-wide setting
+    given to a task, or an upper-case name that Celery does not map to the lower-case
+    one for settings it does not know (``SQS_HEARTBEAT_ENABLED`` without the
+    ``CELERY`` namespace). Ignored, each would leave long tasks unprotected, unsaid.
+
+    Raises :class:`ConfigurationError` naming the first such name and its value.
+    """
+    conf = app.conf
+    for key in list(conf):
+        name = _meant(key)
+        if name is None:
+            continue
+        value = conf.get(key)
+        if name not in _BY_NAME:
+            raise ConfigurationError(key, value, "no such setting" + _suggest(name, _BY_NAME))
+        if conf.get(name, _MISSING) != value:
+            raise ConfigurationError(
+                key, value, f"Celery does not read it under this name: write {name}"
+            )
+    options = {s.name for s in TASK_SETTINGS}
+    for task_name, task in sorted(app.tasks.items()):
+        for name in dir(task):
+            if not name.startswith(_PREFIX) or name in options or name in RENAMED:
+                continue
+            reason = (
+                "it is worker-wide: set it in the configuration"
+                if name in _BY_NAME
+                else "no such task option" + _suggest(name, options)
+            )
+            raise ConfigurationError(name, getattr(task, name), reason, task_name)
+
+
 def resolve_tasks(app: Any) -> dict[str, HeartbeatOptions]:
     """Validate the global settings and every registered task's options.
 
     Raises :class:`ConfigurationError` on the first bad one; fills no cache.
     """
+    check_names(app)
     resolve(app.conf)
     return {name: resolve(app.conf, task) for name, task in sorted(app.tasks.items())}
 

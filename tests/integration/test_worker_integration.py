@@ -283,6 +283,14 @@ def test_killed_worker_message_returns_within_one_window(
             {"task_annotations": {"worker_app.plain": {"sqs_heartbeat_interval": 5}}},
             ["sqs_heartbeat_interval=5", "worker_app.plain", "shorter than"],
         ),
+        (
+            {"sqs_heartbeat_intervl": 5},
+            ["sqs_heartbeat_intervl=5", "did you mean sqs_heartbeat_interval?"],
+        ),
+        (
+            {"task_annotations": {"worker_app.sleep": {"sqs_heartbeat_own_process": False}}},
+            ["sqs_heartbeat_own_process=False", "worker_app.sleep", "worker-wide"],
+        ),
     ],
 )
 def test_bad_setting_stops_the_worker(

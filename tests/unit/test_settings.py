@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
 from celery import Celery
 
 from celery_sqs_heartbeat import ConfigurationError, HeartbeatOptions, options_for
-from celery_sqs_heartbeat._settings import resolve
+from celery_sqs_heartbeat._settings import resolve, resolve_tasks
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -108,3 +109,82 @@ def test_django_style_namespace() -> None:
     app = Celery("dj", set_as_current=False)
     app.config_from_object(module, namespace="CELERY")
     assert resolve(app.conf) == HeartbeatOptions(True, 12.0, 120, None)
+
+
+class _Namespaced:
+    """Django's settings, read with ``namespace="CELERY"``."""
+
+    CELERY_SQS_HEARTBEAT_ENABLED = True
+    CELERY_SQS_HEARTBEAT_INTERVAL = 10
+
+
+def test_names_the_heartbeat_reads_pass_in_every_spelling_celery_maps() -> None:
+    app = make_app(sqs_heartbeat_enabled=True, sqs_heartbeat_own_process=False)
+
+    @app.task(name="settings.paced", sqs_heartbeat_interval=5, sqs_heartbeat_interrupt=True)
+    def paced() -> None: ...
+
+    app.finalize()
+    assert resolve_tasks(app)["settings.paced"].interval == 5.0
+    django = Celery("django", broker="memory://", set_as_current=False)
+    django.config_from_object(_Namespaced, namespace="CELERY")
+    assert resolve_tasks(django)["celery.backend_cleanup"].interval == 10.0
+
+
+@pytest.mark.parametrize(
+    ("conf", "named"),
+    [
+        ({"sqs_heartbeat": True}, "setting sqs_heartbeat=True: no such setting (did you mean"),
+        (
+            {"sqs_heartbeat_intervl": 5},
+            "setting sqs_heartbeat_intervl=5: no such setting "
+            "(did you mean sqs_heartbeat_interval?)",
+        ),
+        (
+            {"SQS_HEARTBEAT_ENABLED": True},
+            "setting SQS_HEARTBEAT_ENABLED=True: Celery does not read it under this name: "
+            "write sqs_heartbeat_enabled",
+        ),
+    ],
+)
+def test_a_setting_the_heartbeat_would_never_read_stops_the_worker(
+    conf: dict[str, object], named: str
+) -> None:
+    """Ignored, it would leave every long task unprotected without a word."""
+    with pytest.raises(ConfigurationError, match=re.escape(named)):
+        resolve_tasks(make_app(**conf))
+
+
+def test_a_namespaced_typo_is_named_as_written() -> None:
+    class Typo(_Namespaced):
+        CELERY_SQS_HEARTBEAT_VISIBILITY = 60
+
+    app = Celery("django", broker="memory://", set_as_current=False)
+    app.config_from_object(Typo, namespace="CELERY")
+    with pytest.raises(ConfigurationError, match="CELERY_SQS_HEARTBEAT_VISIBILITY=60: no such"):
+        resolve_tasks(app)
+
+
+@pytest.mark.parametrize(
+    ("option", "reason"),
+    [
+        (
+            "sqs_heartbeat_max_duraton",
+            "no such task option (did you mean sqs_heartbeat_max_duration?)",
+        ),
+        ("sqs_heartbeat_own_process", "it is worker-wide: set it in the configuration"),
+    ],
+)
+def test_a_task_option_the_heartbeat_would_never_read_stops_the_worker(
+    option: str, reason: str
+) -> None:
+    app = make_app(sqs_heartbeat_enabled=True)
+
+    def odd() -> None: ...
+
+    app.task(name="settings.odd", shared=False, **{option: 60})(odd)
+    app.finalize()
+    with pytest.raises(
+        ConfigurationError, match=re.escape(f"{option}=60 of task 'settings.odd': {reason}")
+    ):
+        resolve_tasks(app)
