@@ -232,9 +232,6 @@ RENAMED = {"sqs_heartbeat_beat_process": "sqs_heartbeat_own_process"}
 
 def heartbeat_process(conf: Any) -> bool:
     """Whether the worker may beat from a heartbeat process (``sqs_heartbeat_own_process``)."""
-    for old, new in RENAMED.items():
-        if conf.get(old) is not None:
-            raise ConfigurationError(old, conf.get(old), f"it is named {new} now")
     name = "sqs_heartbeat_own_process"
     value = conf.get(name, _BY_NAME[name].default)
     try:
@@ -286,7 +283,7 @@ def _meant(key: str) -> str | None:
     """The heartbeat setting *key* looks like it names (None: it looks like none)."""
     name = key.lower()
     name = name.removeprefix(_NAMESPACE)
-    return name if name.startswith(_PREFIX) and name not in RENAMED else None
+    return name if name.startswith(_PREFIX) else None
 
 
 def _suggest(name: str, known: Collection[str]) -> str:
@@ -301,7 +298,8 @@ def check_names(app: Any) -> None:
     one for settings it does not know (``SQS_HEARTBEAT_ENABLED`` without the
     ``CELERY`` namespace). Ignored, each would leave long tasks unprotected, unsaid.
 
-    Raises :class:`ConfigurationError` naming the first such name and its value.
+    Raises :class:`ConfigurationError` naming the first such name and its value; a
+    name in :data:`RENAMED` is told its new one.
     """
     conf = app.conf
     for key in list(conf):
@@ -309,6 +307,8 @@ def check_names(app: Any) -> None:
         if name is None:
             continue
         value = conf.get(key)
+        if name in RENAMED:
+            raise ConfigurationError(key, value, f"it is named {RENAMED[name]} now")
         if name not in _BY_NAME:
             raise ConfigurationError(key, value, "no such setting" + _suggest(name, _BY_NAME))
         if conf.get(name, _MISSING) != value:
@@ -318,13 +318,16 @@ def check_names(app: Any) -> None:
     options = {s.name for s in TASK_SETTINGS}
     for task_name, task in sorted(app.tasks.items()):
         for name in dir(task):
-            if not name.startswith(_PREFIX) or name in options or name in RENAMED:
+            if not name.startswith(_PREFIX) or name in options:
                 continue
-            reason = (
-                "it is worker-wide: set it in the configuration"
-                if name in _BY_NAME
-                else "no such task option" + _suggest(name, options)
-            )
+            if name in RENAMED:
+                reason = (
+                    f"it is named {RENAMED[name]} now, worker-wide: set it in the configuration"
+                )
+            elif name in _BY_NAME:
+                reason = "it is worker-wide: set it in the configuration"
+            else:
+                reason = "no such task option" + _suggest(name, options)
             raise ConfigurationError(name, getattr(task, name), reason, task_name)
 
 

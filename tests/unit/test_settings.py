@@ -141,6 +141,11 @@ def test_names_the_heartbeat_reads_pass_in_every_spelling_celery_maps() -> None:
             "(did you mean sqs_heartbeat_interval?)",
         ),
         (
+            {"CELERY_SQS_HEARTBEAT_BEAT_PROCESS": False},
+            "setting CELERY_SQS_HEARTBEAT_BEAT_PROCESS=False: it is named "
+            "sqs_heartbeat_own_process now",
+        ),
+        (
             {"SQS_HEARTBEAT_ENABLED": True},
             "setting SQS_HEARTBEAT_ENABLED=True: Celery does not read it under this name: "
             "write sqs_heartbeat_enabled",
@@ -173,6 +178,10 @@ def test_a_namespaced_typo_is_named_as_written() -> None:
             "no such task option (did you mean sqs_heartbeat_max_duration?)",
         ),
         ("sqs_heartbeat_own_process", "it is worker-wide: set it in the configuration"),
+        (
+            "sqs_heartbeat_beat_process",
+            "it is named sqs_heartbeat_own_process now, worker-wide: set it in the configuration",
+        ),
     ],
 )
 def test_a_task_option_the_heartbeat_would_never_read_stops_the_worker(
